@@ -1,0 +1,332 @@
+"""Public entry point: convert one model file, with a report of what was done."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import onnx
+
+from .convert import convert_model, default_opset, max_opset, validate_target
+from .errors import ConversionError, OutputError, StreamconvError, UsageError, WireFormatError
+from .scan import map_file
+from .skeleton import Skeleton, build_skeleton, stub_id, iter_stub_tensors
+from .splice import INLINE_LIMIT, OutputPlan, plan_output, write_plan
+
+__all__ = ["LAYOUTS", "Report", "convert", "roundtrip"]
+
+log = logging.getLogger(__name__)
+
+LAYOUTS = ("auto", "inline", "external")
+DEFAULT_THRESHOLD = 1024
+DEFAULT_ALIGN = 1 << 16
+ALIGN_MIN = 1 << 20
+
+#: progress(done_bytes, total_bytes)
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass
+class Report:
+    """What one conversion did."""
+
+    source: str
+    destination: str
+    data_file: str | None
+    opset_from: int
+    opset_to: int
+    layout: str
+    tensors_diverted: int
+    bytes_diverted: int
+    bytes_in: int
+    bytes_out: int
+    seconds: float
+    check: str
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _validate_options(layout: str, size_threshold: int, align: int, data_name: str | None) -> None:
+    if layout not in LAYOUTS:
+        raise UsageError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if not isinstance(size_threshold, int) or size_threshold < 0:
+        raise UsageError(f"--size-threshold must be >= 0, got {size_threshold}")
+    if not isinstance(align, int) or align < 1 or align & (align - 1) or align > 1 << 16:
+        raise UsageError(f"--align must be a power of two from 1 to 65536, got {align}")
+    if data_name is not None:
+        norm = os.path.normpath(data_name)
+        if (
+            not data_name
+            or os.path.isabs(data_name)
+            or norm.startswith("..")
+            or norm in (".", "")
+            or data_name.endswith(("/", os.sep))
+        ):
+            raise UsageError(
+                f"--data-name must be a relative file path inside the output's folder, "
+                f"got {data_name!r}"
+            )
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+class _OutputDir:
+    """A private temporary folder beside the destination; files move out by rename."""
+
+    def __init__(self, dst: str) -> None:
+        folder = os.path.dirname(os.path.abspath(dst))
+        if not os.path.isdir(folder):
+            raise OutputError(f"output folder {folder} does not exist")
+        try:
+            self.path = tempfile.mkdtemp(prefix=".streamconv-", dir=folder)
+        except OSError as e:
+            raise OutputError(f"cannot write in {folder}: {e.strerror}") from e
+        self.folder = folder
+
+    def file(self, name: str) -> str:
+        full = os.path.join(self.path, name)
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        return full
+
+    def publish(self, name: str) -> str:
+        final = os.path.join(self.folder, name)
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        os.replace(os.path.join(self.path, name), final)
+        return final
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _open_input(src: str) -> tuple[int, int]:
+    try:
+        fd = os.open(src, os.O_RDONLY)
+    except FileNotFoundError as e:
+        raise StreamconvError("no such file", file=src) from e
+    except IsADirectoryError as e:
+        raise StreamconvError("is a folder, not a model file", file=src) from e
+    except OSError as e:
+        raise StreamconvError(f"cannot open: {e.strerror}", file=src) from e
+    size = os.fstat(fd).st_size
+    if os.path.isdir(src):
+        os.close(fd)
+        raise StreamconvError("is a folder, not a model file", file=src)
+    if size == 0:
+        os.close(fd)
+        raise WireFormatError("empty file, not an ONNX model", file=src)
+    return fd, size
+
+
+def _check(model: onnx.ModelProto, skeleton_payloads: dict[int, Any], workdir: str) -> None:
+    """Run onnx's checker (full check) on the converted model without its payloads.
+
+    Stubs are pointed at a sparse file of the right size, so the check costs
+    what the skeleton costs, whatever the size of the weights.
+    """
+    view = onnx.ModelProto()
+    view.CopyFrom(model)
+    cursor = 0
+    for tensor, _, _ in iter_stub_tensors(view):
+        ident = stub_id(tensor)
+        if ident is None or ident not in skeleton_payloads:
+            continue
+        nbytes = skeleton_payloads[ident].nbytes
+        del tensor.external_data[:]
+        for key, value in (("location", "check.data"), ("offset", str(cursor)),
+                           ("length", str(nbytes))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        cursor += nbytes
+    with open(os.path.join(workdir, "check.data"), "wb") as f:
+        f.truncate(cursor)
+    path = os.path.join(workdir, "check.onnx")
+    with open(path, "wb") as f:
+        f.write(view.SerializeToString())
+    try:
+        onnx.checker.check_model(path, full_check=True)
+    except Exception as e:
+        reason = str(e).strip().splitlines()
+        raise ConversionError(
+            "the converted model fails onnx.checker: "
+            + (" ".join(line.strip() for line in reason[:3]) if reason else type(e).__name__)
+        ) from e
+    finally:
+        os.unlink(path)
+        os.unlink(os.path.join(workdir, "check.data"))
+
+
+def convert(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    opset: int | None = None,
+    layout: str = "auto",
+    size_threshold: int = DEFAULT_THRESHOLD,
+    data_name: str | None = None,
+    align: int = DEFAULT_ALIGN,
+    check: bool = True,
+    progress: ProgressCallback | None = None,
+) -> Report:
+    """Convert the ONNX model at *src* to ai.onnx *opset* and write it to *dst*.
+
+    *opset* defaults to the newest opset the installed onnx knows.  *layout*
+    is ``auto`` (inline under 2 GiB, else external data), ``inline`` or
+    ``external``; the sidecar is named *data_name* (default ``<dst name>.data``)
+    relative to dst's folder.  Tensor payloads over *size_threshold* bytes are
+    never loaded.  The input is not modified; the output appears atomically.
+
+    Raises UsageError for bad options, WireFormatError/LimitError for a
+    malformed input, ExternalDataError for bad external-data references,
+    ConversionError when onnx cannot convert the model, OutputError when the
+    output cannot be written.
+    """
+    started = time.perf_counter()
+    src, dst = os.fspath(src), os.fspath(dst)
+    _validate_options(layout, size_threshold, align, data_name)
+    target = validate_target(opset) if opset is not None else max_opset()
+    if data_name is None:
+        data_name = os.path.basename(dst) + ".data"
+    data_name = data_name.replace(os.sep, "/")
+    dst_data = os.path.join(os.path.dirname(os.path.abspath(dst)), data_name)
+    if os.path.exists(dst) and _same_file(src, dst):
+        raise UsageError("the output would overwrite the input", file=src)
+    if os.path.exists(dst_data) and _same_file(src, dst_data):
+        raise UsageError("the output's data file would overwrite the input", file=src)
+
+    fd, size = _open_input(src)
+    buf: Any = None
+    try:
+        buf = map_file(fd, size)
+        try:
+            skeleton = build_skeleton(buf, size, src, size_threshold)
+        except StreamconvError as e:
+            raise e.with_file(src) from e.__cause__
+        for other in {p.source for p in skeleton.payloads.values()}:
+            for target_path in (dst, dst_data):
+                if os.path.exists(target_path) and _same_file(other, target_path):
+                    raise UsageError(
+                        f"the output would overwrite the input's data file {other}", file=src
+                    )
+        opset_from = default_opset(skeleton.model)
+        converted = convert_model(skeleton.model, target)
+        skeleton_bytes = converted.SerializeToString()
+        plan = plan_output(
+            skeleton_bytes, skeleton.payloads, layout,
+            data_name=data_name, align=align, align_min=ALIGN_MIN,
+        )
+        if layout == "inline" and plan.model_size > INLINE_LIMIT:
+            log.info("inline output of %d bytes exceeds 2 GiB; only streaming readers can load it",
+                     plan.model_size)
+        out = _OutputDir(dst)
+        try:
+            if check:
+                _check(converted, skeleton.payloads, out.path)
+            report = _write(plan, out, os.path.basename(dst), progress)
+        except StreamconvError as e:
+            raise e.with_file(dst) if isinstance(e, OutputError) else e
+        finally:
+            out.cleanup()
+    except ConversionError as e:
+        raise e.with_file(src) from e.__cause__
+    finally:
+        if buf is not None and hasattr(buf, "close"):
+            buf.close()
+        os.close(fd)
+    data_file = dst_data if plan.layout == "external" else None
+    return Report(
+        source=src,
+        destination=dst,
+        data_file=data_file,
+        opset_from=opset_from,
+        opset_to=target,
+        layout=plan.layout,
+        tensors_diverted=len(skeleton.payloads),
+        bytes_diverted=sum(p.nbytes for p in skeleton.payloads.values()),
+        bytes_in=size,
+        bytes_out=report,
+        seconds=time.perf_counter() - started,
+        check="onnx.checker.check_model(full_check=True)" if check else "skipped",
+    )
+
+
+def _write(
+    plan: OutputPlan, out: _OutputDir, name: str, progress: ProgressCallback | None
+) -> int:
+    """Write *plan* into the temporary folder, then publish; return bytes written."""
+    total = plan.model_size + plan.sidecar_size
+    done = 0
+
+    def step(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, total)
+
+    model_path = out.file(name)
+    data_fd = None
+    try:
+        model_fd = os.open(model_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as e:
+        raise OutputError(f"cannot create the output: {e.strerror}") from e
+    try:
+        if plan.layout == "external":
+            assert plan.data_name is not None
+            data_path = out.file(plan.data_name)
+            data_fd = os.open(data_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        write_plan(plan, model_fd, data_fd, step)
+    finally:
+        os.close(model_fd)
+        if data_fd is not None:
+            os.close(data_fd)
+    try:
+        if plan.layout == "external":
+            assert plan.data_name is not None
+            out.publish(plan.data_name)
+        out.publish(name)
+    except OSError as e:
+        raise OutputError(f"cannot move the output into place: {e.strerror}") from e
+    return total
+
+
+def roundtrip(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], *, size_threshold: int = 0
+) -> int:
+    """Scan *src* and splice it back into *dst* with no conversion; return bytes written.
+
+    The result is byte-for-byte the input (a self-check of scan and splice).
+    """
+    src, dst = os.fspath(src), os.fspath(dst)
+    _validate_options("inline", size_threshold, DEFAULT_ALIGN, None)
+    fd, size = _open_input(src)
+    buf: Any = None
+    try:
+        buf = map_file(fd, size)
+        try:
+            skeleton: Skeleton = build_skeleton(
+                buf, size, src, size_threshold, for_conversion=False
+            )
+        except StreamconvError as e:
+            raise e.with_file(src) from e.__cause__
+        plan = plan_output(skeleton.data, skeleton.payloads, "inline", preserve=True)
+        out = _OutputDir(dst)
+        try:
+            return _write(plan, out, os.path.basename(dst), None)
+        finally:
+            out.cleanup()
+    finally:
+        if buf is not None and hasattr(buf, "close"):
+            buf.close()
+        os.close(fd)

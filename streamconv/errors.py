@@ -1,0 +1,81 @@
+"""The one error hierarchy of streamconv.
+
+Every error can name the file, the byte offset and the field path where the
+problem was found; ``str(error)`` renders them as the single line the command
+line prints.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConversionError",
+    "ExternalDataError",
+    "LimitError",
+    "OutputError",
+    "StreamconvError",
+    "UsageError",
+    "WireFormatError",
+]
+
+
+class StreamconvError(Exception):
+    """Base class: a problem with the input, the options or the output."""
+
+    #: exit code the command line uses for this kind of error
+    exit_code = 2
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | None = None,
+        offset: int | None = None,
+        path: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.file = file
+        self.offset = offset
+        self.path = path
+
+    def with_file(self, file: str) -> StreamconvError:
+        """Return self after recording *file* if no file was named yet."""
+        if self.file is None:
+            self.file = file
+        return self
+
+    def __str__(self) -> str:
+        where = []
+        if self.offset is not None:
+            where.append(f"byte {self.offset}")
+        if self.path:
+            where.append(self.path)
+        text = ", ".join(where)
+        text = f"{text}: {self.message}" if text else self.message
+        return f"{self.file}: {text}" if self.file else text
+
+
+class WireFormatError(StreamconvError):
+    """The bytes are not valid protobuf wire format (or not an ONNX model)."""
+
+
+class LimitError(StreamconvError):
+    """The input exceeds a safety limit (nesting depth, sizes)."""
+
+
+class ExternalDataError(StreamconvError):
+    """An external-data reference is missing, short, or points outside its folder."""
+
+
+class ConversionError(StreamconvError):
+    """onnx's converter cannot convert the model, or a payload went astray."""
+
+    exit_code = 1
+
+
+class OutputError(StreamconvError):
+    """The output cannot be written (permissions, space, missing folder)."""
+
+
+class UsageError(StreamconvError):
+    """An option or argument is invalid."""

@@ -1,0 +1,596 @@
+"""Build the skeleton: the model with every large payload replaced by a stub.
+
+A stub is an external-data reference whose ``location`` is
+``__streamconv__/<id>``; onnx's converter carries such references through
+unchanged.  The payload itself stays where it is (in the input file, or in
+the input's own external-data file) and is described by a :class:`Payload`.
+Tensors whose values onnx's converter reads (Squeeze axes, Reshape shapes,
+Split sizes, …) are never stubbed, whatever their size.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import posixpath
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+
+from . import fields as F
+from .errors import ExternalDataError, WireFormatError
+from .scan import (
+    Hooks,
+    Path,
+    Rewrite,
+    format_path,
+    parse_tensor_fields,
+    read_packed_varints,
+    rewrite_message,
+)
+from .wire import encode_len_header, encode_tag, encode_varint
+
+__all__ = [
+    "MARKER",
+    "Payload",
+    "Skeleton",
+    "build_skeleton",
+    "iter_raw_chunks",
+    "iter_stub_tensors",
+    "stub_id",
+    "value_read_names",
+]
+
+log = logging.getLogger(__name__)
+
+MARKER = "__streamconv__/"
+MARKER_BYTES = MARKER.encode()
+CHUNK = 8 << 20
+
+# Inputs whose *values* onnx's version-converter adapters read, by op type.
+# Integer (int32/int64) tensors feeding any non-first input are kept too.
+VALUE_INPUTS: dict[str, tuple[int, ...]] = {
+    "Reshape": (1,),
+    "Squeeze": (1,),
+    "Unsqueeze": (1,),
+    "Split": (1,),
+    "Pad": (1, 2, 3),
+    "Resize": (1, 2, 3),
+    "Upsample": (1,),
+    "Slice": (1, 2, 3, 4),
+    "TopK": (1,),
+    "Tile": (1,),
+    "Expand": (1,),
+    "ConstantOfShape": (0,),
+    "Clip": (1, 2),
+    "Dropout": (1, 2),
+    "OneHot": (1, 2),
+    "Range": (0, 1, 2),
+    "CumSum": (1,),
+    "Trilu": (1,),
+    "CenterCropPad": (1, 2),
+    "Col2Im": (1, 2, 3),
+    "DFT": (1, 2),
+    "ScatterElements": (),
+    **{
+        op: (1,)
+        for op in (
+            "ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1",
+            "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare",
+        )
+    },
+}
+INDEX_TYPES = (6, 7)  # int32, int64
+
+
+@dataclass
+class Payload:
+    """A tensor payload held outside the skeleton.
+
+    ``source``/``offset``/``length`` locate its bytes as stored; ``encoding``
+    says how they are stored (``raw`` little-endian bytes, packed ``fixed32``
+    or ``fixed64``, or packed ``varint``); ``nbytes`` is its size as raw_data.
+    """
+
+    id: int
+    path: str
+    name: str
+    source: str
+    offset: int
+    length: int
+    encoding: str
+    number: int
+    data_type: int
+    count: int | None
+    nbytes: int
+    header: bytes = b""
+
+    @property
+    def size(self) -> int:
+        return self.nbytes
+
+
+@dataclass
+class Skeleton:
+    """The stubbed model: wire bytes, parsed proto, and the payloads set aside."""
+
+    data: bytes
+    model: onnx.ModelProto
+    payloads: dict[int, Payload] = field(default_factory=dict)
+    # True when the proto was changed after parsing (external data, value reads)
+    edited: bool = False
+
+
+def stub_id(tensor: onnx.TensorProto) -> int | None:
+    """The stub id a tensor carries, or None if it is not a stub."""
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    for entry in tensor.external_data:
+        if entry.key == "location" and entry.value.startswith(MARKER):
+            try:
+                return int(entry.value[len(MARKER):])
+            except ValueError:
+                return None
+    return None
+
+
+def stub_bytes(ident: int) -> bytes:
+    """Wire bytes of the fields that turn a tensor into stub *ident*."""
+    key = b"location"
+    value = f"{MARKER}{ident}".encode()
+    entry = encode_len_header(F.ENTRY_KEY, len(key)) + key
+    entry += encode_len_header(F.ENTRY_VALUE, len(value)) + value
+    return (
+        encode_len_header(F.TENSOR_EXTERNAL_DATA, len(entry))
+        + entry
+        + encode_tag(F.TENSOR_DATA_LOCATION, F.WT_VARINT)
+        + encode_varint(F.DATA_LOCATION_EXTERNAL)
+    )
+
+
+def _elements(dims: list[int], where: dict[str, Any]) -> int:
+    for d in dims:
+        if d >= 1 << 63:
+            raise WireFormatError(f"negative dimension in dims {dims}", **where)
+    return math.prod(dims)
+
+
+def _count_varints(buf: Any, start: int, end: int, where: dict[str, Any]) -> int:
+    """Count the varints in a packed run, checking it ends on a whole varint."""
+    if end > start and buf[end - 1] >= 0x80:
+        raise WireFormatError("packed varints end inside a varint", **where)
+    count = 0
+    for pos in range(start, end, CHUNK):
+        n = min(CHUNK, end - pos)
+        arr = np.frombuffer(buf, dtype=np.uint8, count=n, offset=pos)
+        count += int(np.count_nonzero(arr < 0x80))
+    return count
+
+
+class _Stubber:
+    """Tensor hook that stubs payloads above a threshold."""
+
+    def __init__(self, buf: Any, source: str, threshold: int) -> None:
+        self.buf = buf
+        self.source = source
+        self.threshold = threshold
+        self.payloads: dict[int, Payload] = {}
+
+    def enter(self, buf: Any, start: int, end: int) -> bool:
+        return end - start > self.threshold
+
+    def tensor(self, buf: Any, start: int, end: int, path: Path) -> Rewrite | None:
+        fields = parse_tensor_fields(buf, start, end)
+        dims: list[int] = []
+        data_type = 0
+        name = ""
+        payload = []
+        for f in fields:
+            if f.number == F.TENSOR_DIMS:
+                if f.wire_type == F.WT_VARINT:
+                    dims.append(f.value)
+                elif f.wire_type == F.WT_LEN:
+                    dims.extend(read_packed_varints(buf, f.value, f.end))
+            elif f.number == F.TENSOR_DATA_TYPE and f.wire_type == F.WT_VARINT:
+                data_type = f.value
+            elif f.number == F.TENSOR_NAME and f.wire_type == F.WT_LEN:
+                name = bytes(buf[f.value:f.end]).decode("utf-8", "replace")
+            elif f.number in F.PAYLOAD_FIELDS:
+                payload.append(f)
+            elif f.number == F.TENSOR_EXTERNAL_DATA:
+                return None  # external data is handled on the parsed skeleton
+        if len(payload) != 1 or payload[0].wire_type != F.WT_LEN:
+            return None
+        p = payload[0]
+        length = p.end - p.value
+        if length <= self.threshold:
+            return None
+        label = f"{format_path(path)} '{name}'" if name else format_path(path)
+        where: dict[str, Any] = {"offset": p.field_start, "path": label}
+        encoding = F.PAYLOAD_FIELDS[p.number]
+        count: int | None
+        if encoding == "raw":
+            if data_type == 8:
+                return None
+            count = _elements(dims, where)
+            expected = F.payload_nbytes(data_type, count)
+            if expected is not None and expected != length:
+                raise WireFormatError(
+                    f"raw_data holds {length} bytes but dims {dims} of "
+                    f"{F.DATA_TYPES[data_type][0]} need {expected}",
+                    **where,
+                )
+            nbytes = length
+        else:
+            target = F.TYPED_FIELD_TARGETS[p.number].get(data_type)
+            if target is None:
+                return None  # a combination onnx does not define; leave it inline
+            itemsize = np.dtype(target).itemsize
+            if encoding == "varint":
+                stored = _count_varints(buf, p.value, p.end, where)
+            else:
+                width = 4 if encoding == "fixed32" else 8
+                if length % width:
+                    raise WireFormatError(
+                        f"packed {encoding} field of {length} bytes is not a multiple of {width}",
+                        **where,
+                    )
+                stored = length // width
+            count = _elements(dims, where)
+            per_element = 2 if data_type in (14, 15) else 1
+            if stored != count * per_element:
+                raise WireFormatError(
+                    f"{stored} stored values but dims {dims} of "
+                    f"{F.DATA_TYPES[data_type][0]} need {count * per_element}",
+                    **where,
+                )
+            nbytes = stored * itemsize
+        ident = len(self.payloads) + 1
+        self.payloads[ident] = Payload(
+            id=ident,
+            path=format_path(path),
+            name=name,
+            source=self.source,
+            offset=p.value,
+            length=length,
+            encoding=encoding,
+            number=p.number,
+            data_type=data_type,
+            count=count,
+            nbytes=nbytes,
+            header=bytes(buf[p.field_start:p.value]),
+        )
+        out = Rewrite()
+        out.add(bytes(buf[start:p.field_start]))
+        out.add(stub_bytes(ident))
+        out.add(bytes(buf[p.end:end]))
+        return out
+
+
+def _decode_varints(arr: np.ndarray, offset: int) -> np.ndarray:
+    """Decode a packed run of whole varints into uint64 values."""
+    ends = np.flatnonzero(arr < 0x80)
+    if len(ends) == 0:
+        return np.zeros(0, np.uint64)
+    starts = np.empty_like(ends)
+    starts[0] = 0
+    starts[1:] = ends[:-1] + 1
+    lengths = ends - starts + 1
+    longest = int(lengths.max())
+    if longest > 10:
+        raise WireFormatError("varint longer than 10 bytes in packed field", offset=offset)
+    values = starts.astype(np.uint64) * 0
+    if longest == 1:
+        return arr[ends].astype(np.uint64)
+    for k in range(longest):
+        sel = lengths > k
+        part = arr[starts[sel] + k].astype(np.uint64) & np.uint64(0x7F)
+        values[sel] |= part << np.uint64(7 * k)
+    return values
+
+
+def iter_raw_chunks(payload: Payload, fd: int) -> Iterator[bytes]:
+    """Yield the payload as little-endian raw_data bytes, in bounded chunks."""
+    end = payload.offset + payload.length
+    if payload.encoding != "varint":
+        pos = payload.offset
+        while pos < end:
+            data = os.pread(fd, min(CHUNK, end - pos), pos)
+            if not data:
+                raise ExternalDataError(
+                    f"file ended at byte {pos}, before the payload's end at {end}",
+                    file=payload.source, path=payload.path,
+                )
+            pos += len(data)
+            yield data
+        return
+    target = np.dtype(F.TYPED_FIELD_TARGETS[payload.number][payload.data_type])
+    signed = payload.number != F.TENSOR_UINT64_DATA
+    carry = b""
+    pos = payload.offset
+    while pos < end:
+        data = os.pread(fd, min(CHUNK, end - pos), pos)
+        if not data:
+            raise ExternalDataError(
+                f"file ended at byte {pos}, before the payload's end at {end}",
+                file=payload.source, path=payload.path,
+            )
+        chunk_start = pos - len(carry)
+        pos += len(data)
+        block = np.frombuffer(carry + data, dtype=np.uint8)
+        ends = np.flatnonzero(block < 0x80)
+        cut = int(ends[-1]) + 1 if len(ends) else 0
+        if pos >= end and cut != len(block):
+            raise WireFormatError("packed varints end inside a varint", offset=chunk_start)
+        values = _decode_varints(block[:cut], chunk_start)
+        carry = block[cut:].tobytes()
+        if signed:
+            values = values.view(np.int64)
+        yield values.astype(target, casting="unsafe").tobytes()
+
+
+def read_payload(payload: Payload) -> bytes:
+    """The whole payload as raw_data bytes (only for small, value-read tensors)."""
+    fd = os.open(payload.source, os.O_RDONLY)
+    try:
+        return b"".join(iter_raw_chunks(payload, fd))
+    finally:
+        os.close(fd)
+
+
+def _graphs_of(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                yield from _graphs_of(attr.g)
+            for g in attr.graphs:
+                yield from _graphs_of(g)
+
+
+def _all_node_lists(model: onnx.ModelProto) -> Iterator[Any]:
+    """Every node container: graphs at any depth, function bodies, training graphs."""
+    roots = [model.graph]
+    for info in model.training_info:
+        roots += [info.initialization, info.algorithm]
+    for root in roots:
+        for g in _graphs_of(root):
+            yield g
+    for fn in model.functions:
+        yield fn
+        for node in fn.node:
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    yield from _graphs_of(attr.g)
+                for g in attr.graphs:
+                    yield from _graphs_of(g)
+
+
+def value_read_names(model: onnx.ModelProto) -> tuple[set[str], set[str]]:
+    """Names feeding value-read inputs: ``(always, if_integer)``.
+
+    ``always`` holds names feeding an input listed in VALUE_INPUTS;
+    ``if_integer`` names feeding any other non-first input of an ai.onnx op,
+    which count when the tensor is int32/int64.
+    """
+    always: set[str] = set()
+    if_integer: set[str] = set()
+    for container in _all_node_lists(model):
+        for node in container.node:
+            if node.domain not in ("", "ai.onnx"):
+                continue
+            listed = VALUE_INPUTS.get(node.op_type, ())
+            for i, name in enumerate(node.input):
+                if not name:
+                    continue
+                if i in listed:
+                    always.add(name)
+                elif i >= 1:
+                    if_integer.add(name)
+    return always, if_integer
+
+
+def iter_stub_tensors(model: onnx.ModelProto) -> Iterator[tuple[onnx.TensorProto, str, str]]:
+    """Every TensorProto in the model with its value name and a field path."""
+
+    def of_graph(g: onnx.GraphProto, path: str) -> Iterator[tuple[onnx.TensorProto, str, str]]:
+        for i, t in enumerate(g.initializer):
+            yield t, t.name, f"{path}.initializer[{i}]"
+        for i, st in enumerate(g.sparse_initializer):
+            yield st.values, st.values.name, f"{path}.sparse_initializer[{i}].values"
+            yield st.indices, "", f"{path}.sparse_initializer[{i}].indices"
+        yield from of_nodes(g.node, path)
+
+    def of_nodes(nodes: Any, path: str) -> Iterator[tuple[onnx.TensorProto, str, str]]:
+        for i, node in enumerate(nodes):
+            for j, attr in enumerate(node.attribute):
+                apath = f"{path}.node[{i}].attribute[{j}]"
+                if attr.HasField("t"):
+                    value = (
+                        node.output[0]
+                        if node.op_type == "Constant" and node.output and attr.name == "value"
+                        else attr.t.name
+                    )
+                    yield attr.t, value, f"{apath}.t"
+                for k, t in enumerate(attr.tensors):
+                    yield t, t.name, f"{apath}.tensors[{k}]"
+                if attr.HasField("sparse_tensor"):
+                    value = node.output[0] if node.op_type == "Constant" and node.output else ""
+                    yield attr.sparse_tensor.values, value, f"{apath}.sparse_tensor.values"
+                    yield attr.sparse_tensor.indices, "", f"{apath}.sparse_tensor.indices"
+                for k, st in enumerate(attr.sparse_tensors):
+                    yield st.values, "", f"{apath}.sparse_tensors[{k}].values"
+                    yield st.indices, "", f"{apath}.sparse_tensors[{k}].indices"
+                if attr.HasField("g"):
+                    yield from of_graph(attr.g, f"{apath}.g")
+                for k, g in enumerate(attr.graphs):
+                    yield from of_graph(g, f"{apath}.graphs[{k}]")
+
+    yield from of_graph(model.graph, "graph")
+    for i, info in enumerate(model.training_info):
+        yield from of_graph(info.initialization, f"training_info[{i}].initialization")
+        yield from of_graph(info.algorithm, f"training_info[{i}].algorithm")
+    for i, fn in enumerate(model.functions):
+        yield from of_nodes(fn.node, f"functions[{i}]")
+
+
+def _safe_location(location: str, base: str, where: dict[str, Any]) -> str:
+    """Resolve an external-data location inside *base*, or raise ExternalDataError."""
+    if not location:
+        raise ExternalDataError("external data without a location", **where)
+    if "\0" in location:
+        raise ExternalDataError(f"location {location!r} contains a NUL byte", **where)
+    if location.startswith(("/", "\\")) or (len(location) > 1 and location[1] == ":"):
+        raise ExternalDataError(f"location {location!r} is an absolute path", **where)
+    norm = posixpath.normpath(location.replace("\\", "/"))
+    if norm == ".." or norm.startswith("../") or norm == ".":
+        raise ExternalDataError(f"location {location!r} escapes the model's folder", **where)
+    full = os.path.join(base, *norm.split("/"))
+    real_base = os.path.realpath(base)
+    real = os.path.realpath(full)
+    if os.path.commonpath([real_base, real]) != real_base:
+        raise ExternalDataError(
+            f"location {location!r} resolves outside the model's folder (symlink)", **where
+        )
+    try:
+        st = os.stat(real)
+    except OSError as e:
+        raise ExternalDataError(
+            f"external data file {location!r} cannot be opened: {e.strerror}", **where
+        ) from e
+    if not stat.S_ISREG(st.st_mode):
+        raise ExternalDataError(f"external data {location!r} is not a regular file", **where)
+    if st.st_nlink > 1:
+        # A hard link can point anywhere on the same file system.
+        raise ExternalDataError(
+            f"external data file {location!r} has {st.st_nlink} hard links; refusing to read it",
+            **where,
+        )
+    return real
+
+
+def _external_payload(
+    tensor: onnx.TensorProto, ident: int, base: str, model_file: str, path: str
+) -> Payload:
+    """Describe an input tensor stored as external data, checking every key."""
+    where: dict[str, Any] = {"file": model_file, "path": f"{path} '{tensor.name}'"}
+    keys = {e.key: e.value for e in tensor.external_data}
+    real = _safe_location(keys.get("location", ""), base, where)
+    try:
+        offset = int(keys.get("offset", "0"))
+        length_text = keys.get("length")
+        length = int(length_text) if length_text is not None else None
+    except ValueError as e:
+        raise ExternalDataError(f"offset/length are not integers: {keys}", **where) from e
+    dims = list(tensor.dims)
+    if any(d < 0 for d in dims):
+        raise ExternalDataError(f"negative dimension in dims {dims}", **where)
+    count = math.prod(dims)
+    expected = F.payload_nbytes(tensor.data_type, count)
+    if length is None:
+        if expected is None:
+            raise ExternalDataError("external tensor without a length", **where)
+        length = expected
+    if offset < 0 or length < 0:
+        raise ExternalDataError(f"negative offset {offset} or length {length}", **where)
+    if expected is not None and expected != length:
+        raise ExternalDataError(
+            f"length {length} but dims {dims} of {F.DATA_TYPES[tensor.data_type][0]} "
+            f"need {expected} bytes",
+            **where,
+        )
+    size = os.path.getsize(real)
+    if offset + length > size:
+        raise ExternalDataError(
+            f"offset {offset} + length {length} runs past the end of "
+            f"{keys['location']!r} ({size} bytes)",
+            **where,
+        )
+    return Payload(
+        id=ident, path=path, name=tensor.name, source=real, offset=offset, length=length,
+        encoding="raw", number=F.TENSOR_RAW_DATA, data_type=tensor.data_type, count=count,
+        nbytes=length,
+    )
+
+
+def _make_stub(tensor: onnx.TensorProto, ident: int) -> None:
+    del tensor.external_data[:]
+    entry = tensor.external_data.add()
+    entry.key = "location"
+    entry.value = f"{MARKER}{ident}"
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+
+
+def _unstub(tensor: onnx.TensorProto, payload: Payload) -> None:
+    data = read_payload(payload)
+    del tensor.external_data[:]
+    tensor.ClearField("data_location")
+    tensor.raw_data = data
+
+
+def build_skeleton(
+    buf: Any, size: int, source: str, threshold: int, *, for_conversion: bool = True
+) -> Skeleton:
+    """Scan the model in ``buf[:size]`` (stored in file *source*) into a skeleton.
+
+    With *for_conversion*, the input's external-data references become stubs
+    too and tensors whose values the converter reads are put back inline.
+
+    Raises WireFormatError/LimitError for malformed input and
+    ExternalDataError for unusable external-data references.
+    """
+    stubber = _Stubber(buf, source, threshold)
+    hooks = Hooks(enter=stubber.enter, tensor=stubber.tensor)
+    rewritten = rewrite_message(buf, 0, size, "model", (), hooks)
+    if rewritten is None:
+        data = bytes(buf[0:size])
+    else:
+        data = b"".join(bytes(p) for p in rewritten.pieces)
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as e:
+        raise WireFormatError(f"not a valid ONNX model ({e})") from e
+    if not model.HasField("graph"):
+        raise WireFormatError("not an ONNX model: it has no graph")
+    skeleton = Skeleton(data=data, model=model, payloads=stubber.payloads)
+    if for_conversion:
+        _restub_external(skeleton, source)
+        _keep_value_reads(skeleton)
+    return skeleton
+
+
+def _restub_external(skeleton: Skeleton, source: str) -> None:
+    """Turn the input's own external-data references into stubs."""
+    base = os.path.dirname(os.path.abspath(source))
+    for tensor, _, path in iter_stub_tensors(skeleton.model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL or stub_id(tensor) is not None:
+            continue
+        ident = len(skeleton.payloads) + 1
+        skeleton.payloads[ident] = _external_payload(tensor, ident, base, source, path)
+        _make_stub(tensor, ident)
+        skeleton.edited = True
+
+
+def _keep_value_reads(skeleton: Skeleton) -> None:
+    """Put back inline every stubbed tensor whose value the converter reads."""
+    if not skeleton.payloads:
+        return
+    always, if_integer = value_read_names(skeleton.model)
+    for tensor, value_name, _ in iter_stub_tensors(skeleton.model):
+        ident = stub_id(tensor)
+        if ident is None or not value_name:
+            continue
+        if value_name in always or (value_name in if_integer and tensor.data_type in INDEX_TYPES):
+            payload = skeleton.payloads.pop(ident, None)
+            if payload is None:
+                continue
+            log.debug("keeping value-read tensor %s inline (%d bytes)", payload.path, payload.nbytes)
+            _unstub(tensor, payload)
+            skeleton.edited = True

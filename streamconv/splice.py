@@ -1,0 +1,329 @@
+"""Write the output: skeleton bytes with every stub turned back into its payload.
+
+The output is planned first (every piece and every enclosing length is known
+before a byte is written), then written as a stream.  Payload bytes move
+file-to-file with ``os.copy_file_range`` (falling back to ``os.sendfile``,
+then to a bounded buffer); they never become one Python object.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import fields as F
+from .errors import ConversionError, ExternalDataError, OutputError
+from .scan import Hooks, Path, Rewrite, format_path, parse_tensor_fields, rewrite_message
+from .skeleton import MARKER, MARKER_BYTES, Payload, iter_raw_chunks
+from .wire import encode_len_header, encode_tag, encode_varint, read_field
+
+__all__ = [
+    "INLINE_LIMIT",
+    "OutputPlan",
+    "PayloadRef",
+    "plan_output",
+    "write_plan",
+]
+
+#: Largest message protobuf will parse (2 GiB - 1).
+INLINE_LIMIT = (1 << 31) - 1
+COPY_CHUNK = 64 << 20
+ZEROS = bytes(1 << 16)
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class PayloadRef:
+    """A payload written in place of a stub: ``copy`` as stored, or as ``raw`` bytes."""
+
+    payload: Payload
+    mode: str
+
+    @property
+    def size(self) -> int:
+        return self.payload.length if self.mode == "copy" else self.payload.nbytes
+
+
+@dataclass
+class OutputPlan:
+    """Everything needed to write the output, sizes known in advance."""
+
+    layout: str
+    model: Rewrite
+    data_name: str | None = None
+    sidecar: list[tuple[int, Payload]] = field(default_factory=list)
+    sidecar_size: int = 0
+
+    @property
+    def model_size(self) -> int:
+        return self.model.length
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(p.nbytes for _, p in self.sidecar) + sum(
+            piece.size for piece in self.model.pieces if isinstance(piece, PayloadRef)
+        )
+
+
+def _entry(key: str, value: str) -> bytes:
+    k, v = key.encode(), value.encode()
+    body = encode_len_header(F.ENTRY_KEY, len(k)) + k + encode_len_header(F.ENTRY_VALUE, len(v)) + v
+    return encode_len_header(F.TENSOR_EXTERNAL_DATA, len(body)) + body
+
+
+def _entry_location(buf: Any, start: int, end: int) -> str | None:
+    key = value = None
+    pos = start
+    while pos < end:
+        number, wire_type, a, b, pos = read_field(buf, pos, end)
+        if wire_type == F.WT_LEN and number == F.ENTRY_KEY:
+            key = bytes(buf[a:b])
+        elif wire_type == F.WT_LEN and number == F.ENTRY_VALUE:
+            value = bytes(buf[a:b])
+    if key == b"location" and value is not None:
+        return value.decode("utf-8", "replace")
+    return None
+
+
+class _Splicer:
+    def __init__(
+        self,
+        payloads: dict[int, Payload],
+        layout: str,
+        data_name: str | None,
+        align: int,
+        align_min: int,
+        preserve: bool,
+    ) -> None:
+        self.payloads = payloads
+        self.layout = layout
+        self.data_name = data_name
+        self.align = align
+        self.align_min = align_min
+        self.preserve = preserve
+        self.seen: set[int] = set()
+        self.sidecar: list[tuple[int, Payload]] = []
+        self.cursor = 0
+
+    def enter(self, buf: Any, start: int, end: int) -> bool:
+        return bool(buf.find(MARKER_BYTES, start, end) != -1)
+
+    def tensor(self, buf: Any, start: int, end: int, path: Path) -> Rewrite | None:
+        fields = parse_tensor_fields(buf, start, end)
+        ident = None
+        for f in fields:
+            if f.number == F.TENSOR_EXTERNAL_DATA and f.wire_type == F.WT_LEN:
+                location = _entry_location(buf, f.value, f.end)
+                if location is not None and location.startswith(MARKER):
+                    try:
+                        ident = int(location[len(MARKER):])
+                    except ValueError:
+                        ident = None
+        if ident is None:
+            return None
+        payload = self.payloads.get(ident)
+        if payload is None:
+            raise ConversionError(
+                f"stub {ident} has no payload (the converter made it up)", path=format_path(path)
+            )
+        if ident in self.seen:
+            raise ConversionError(
+                f"tensor '{payload.name}' ({payload.path}) came back twice from conversion",
+                path=format_path(path),
+            )
+        self.seen.add(ident)
+        out = Rewrite()
+        placed = False
+        for f in fields:
+            if f.number in (F.TENSOR_EXTERNAL_DATA, F.TENSOR_DATA_LOCATION):
+                if not placed:
+                    self._place(out, payload)
+                    placed = True
+                continue
+            out.add(bytes(buf[f.field_start:f.field_end]))
+        return out
+
+    def _place(self, out: Rewrite, payload: Payload) -> None:
+        if self.layout == "external":
+            offset = self.cursor
+            if payload.nbytes >= self.align_min and self.align > 1:
+                offset = -(-offset // self.align) * self.align
+            self.sidecar.append((offset, payload))
+            self.cursor = offset + payload.nbytes
+            assert self.data_name is not None
+            out.add(_entry("location", self.data_name))
+            out.add(_entry("offset", str(offset)))
+            out.add(_entry("length", str(payload.nbytes)))
+            out.add(encode_tag(F.TENSOR_DATA_LOCATION, F.WT_VARINT))
+            out.add(encode_varint(F.DATA_LOCATION_EXTERNAL))
+        elif self.preserve:
+            out.add(payload.header)
+            out.add(PayloadRef(payload, "copy"))
+        else:
+            out.add(encode_len_header(F.TENSOR_RAW_DATA, payload.nbytes))
+            out.add(PayloadRef(payload, "raw"))
+
+
+def plan_output(
+    skeleton: bytes,
+    payloads: dict[int, Payload],
+    layout: str,
+    *,
+    data_name: str | None = None,
+    align: int = 1 << 16,
+    align_min: int = 1 << 20,
+    preserve: bool = False,
+) -> OutputPlan:
+    """Plan the output of *skeleton* with every stub replaced, for *layout*.
+
+    ``layout`` is ``inline``, ``external`` or ``auto`` (inline when the result
+    stays under 2 GiB).  Raises ConversionError if a stub is missing from the
+    skeleton or appears twice.
+    """
+    if layout == "auto":
+        plan = plan_output(skeleton, payloads, "inline", preserve=preserve)
+        if plan.model_size <= INLINE_LIMIT:
+            return plan
+        layout = "external"
+    splicer = _Splicer(payloads, layout, data_name, align, align_min, preserve)
+    hooks = Hooks(enter=splicer.enter, tensor=splicer.tensor)
+    model = rewrite_message(skeleton, 0, len(skeleton), "model", (), hooks)
+    if model is None:
+        model = Rewrite()
+        model.add(skeleton)
+    missing = sorted(set(payloads) - splicer.seen)
+    if missing:
+        lost = payloads[missing[0]]
+        raise ConversionError(
+            f"{len(missing)} tensor(s) lost in conversion, first '{lost.name}' ({lost.path})"
+        )
+    plan = OutputPlan(layout=layout, model=model)
+    if layout == "external":
+        plan.data_name = data_name
+        plan.sidecar = splicer.sidecar
+        plan.sidecar_size = splicer.cursor
+    return plan
+
+
+class _Sources:
+    """Open file descriptors of payload sources, by path."""
+
+    def __init__(self) -> None:
+        self.fds: dict[str, int] = {}
+
+    def fd(self, path: str) -> int:
+        if path not in self.fds:
+            try:
+                self.fds[path] = os.open(path, os.O_RDONLY)
+            except OSError as e:
+                raise ExternalDataError(f"cannot open: {e.strerror}", file=path) from e
+        return self.fds[path]
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+_FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
+
+
+class _Copier:
+    """File-to-file copies: copy_file_range, then sendfile, then a buffer."""
+
+    def __init__(self) -> None:
+        self.method = "copy_file_range" if hasattr(os, "copy_file_range") else "sendfile"
+
+    def copy(self, src: int, dst: int, offset: int, length: int, progress: Progress) -> None:
+        end = offset + length
+        pos = offset
+        while pos < end:
+            want = min(COPY_CHUNK, end - pos)
+            n = self._copy_some(src, dst, pos, want)
+            if n == 0:
+                raise ExternalDataError(
+                    f"source ended at byte {pos}, {end - pos} bytes short of the payload"
+                )
+            pos += n
+            progress(n)
+
+    def _copy_some(self, src: int, dst: int, pos: int, want: int) -> int:
+        if self.method == "copy_file_range":
+            try:
+                return os.copy_file_range(src, dst, want, pos)
+            except OSError as e:
+                if e.errno not in _FALLBACK_ERRNOS:
+                    raise
+                self.method = "sendfile"
+        if self.method == "sendfile":
+            try:
+                return os.sendfile(dst, src, pos, want)
+            except OSError as e:
+                if e.errno not in _FALLBACK_ERRNOS:
+                    raise
+                self.method = "buffer"
+        data = os.pread(src, min(want, 1 << 20), pos)
+        _write_all(dst, data)
+        return len(data)
+
+
+def _write_payload(
+    ref_payload: Payload, mode: str, fd: int, sources: _Sources, copier: _Copier, progress: Progress
+) -> None:
+    src = sources.fd(ref_payload.source)
+    if mode == "copy" or ref_payload.encoding != "varint":
+        try:
+            copier.copy(src, fd, ref_payload.offset, ref_payload.length, progress)
+        except ExternalDataError as e:
+            e.file = e.file or ref_payload.source
+            e.path = e.path or ref_payload.path
+            raise
+        return
+    for chunk in iter_raw_chunks(ref_payload, src):
+        _write_all(fd, chunk)
+        progress(len(chunk))
+
+
+def write_plan(
+    plan: OutputPlan, model_fd: int, data_fd: int | None, progress: Progress | None = None
+) -> None:
+    """Write the planned model to *model_fd* and its sidecar to *data_fd*.
+
+    Raises OutputError when writing fails (no space, I/O error) and
+    ExternalDataError when a payload source is shorter than recorded.
+    """
+    report = progress or (lambda n: None)
+    sources = _Sources()
+    copier = _Copier()
+    try:
+        if plan.layout == "external":
+            assert data_fd is not None
+            cursor = 0
+            for offset, payload in plan.sidecar:
+                while cursor < offset:
+                    gap = min(len(ZEROS), offset - cursor)
+                    _write_all(data_fd, ZEROS[:gap])
+                    cursor += gap
+                _write_payload(payload, "raw", data_fd, sources, copier, report)
+                cursor += payload.nbytes
+        for piece in plan.model.pieces:
+            if isinstance(piece, PayloadRef):
+                _write_payload(piece.payload, piece.mode, model_fd, sources, copier, report)
+            else:
+                _write_all(model_fd, piece)
+                report(len(piece))
+    except OSError as e:
+        raise OutputError(f"writing the output failed: {e.strerror or e}") from e
+    finally:
+        sources.close()
