@@ -178,6 +178,8 @@ def convert(
     data_name: str | None = None,
     align: int = DEFAULT_ALIGN,
     check: bool = True,
+    checksum: bool = False,
+    inline_functions: bool = False,
     progress: ProgressCallback | None = None,
 ) -> Report:
     """Convert the ONNX model at *src* to ai.onnx *opset* and write it to *dst*.
@@ -186,7 +188,10 @@ def convert(
     is ``auto`` (inline under 2 GiB, else external data), ``inline`` or
     ``external``; the sidecar is named *data_name* (default ``<dst name>.data``)
     relative to dst's folder.  Tensor payloads over *size_threshold* bytes are
-    never loaded.  The input is not modified; the output appears atomically.
+    never loaded.  *check* validates the result with onnx's checker before it
+    is written; *checksum* records each external tensor's SHA-1;
+    *inline_functions* inlines model-local functions before conversion.  The
+    input is not modified; the output appears atomically.
 
     Raises UsageError for bad options, WireFormatError/LimitError for a
     malformed input, ExternalDataError for bad external-data references,
@@ -221,11 +226,13 @@ def convert(
                         f"the output would overwrite the input's data file {other}", file=src
                     )
         opset_from = default_opset(skeleton.model)
-        converted = convert_model(skeleton.model, target)
+        result = convert_model(skeleton.model, target, inline_functions=inline_functions)
+        converted = result.model
         skeleton_bytes = converted.SerializeToString()
         plan = plan_output(
             skeleton_bytes, skeleton.payloads, layout,
-            data_name=data_name, align=align, align_min=ALIGN_MIN,
+            data_name=data_name, align=align, align_min=ALIGN_MIN, checksum=checksum,
+            allow_duplicates=inline_functions,
         )
         if layout == "inline" and plan.model_size > INLINE_LIMIT:
             log.info("inline output of %d bytes exceeds 2 GiB; only streaming readers can load it",
@@ -259,6 +266,7 @@ def convert(
         bytes_out=report,
         seconds=time.perf_counter() - started,
         check="onnx.checker.check_model(full_check=True)" if check else "skipped",
+        warnings=result.notes,
     )
 
 

@@ -19,6 +19,7 @@ __all__ = ["main"]
 EXIT_OK = 0
 EXIT_CONVERSION = 1
 EXIT_USAGE = 2
+EXIT_INTERNAL = 3
 
 
 class _Interrupted(BaseException):
@@ -69,6 +70,10 @@ def _convert_parser() -> argparse.ArgumentParser:
                    help="validate the result with onnx.checker before writing it (default)")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip the onnx.checker validation")
+    p.add_argument("--checksum", action="store_true",
+                   help="record each external tensor's SHA-1 in its 'checksum' key")
+    p.add_argument("--inline-functions", action="store_true",
+                   help="inline model-local functions into the graph before conversion")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     p.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     p.add_argument("--version", action="version", version=f"streamconv {__version__}")
@@ -102,7 +107,8 @@ def _run_convert(argv: Sequence[str]) -> int:
         report = convert(
             args.input, args.output, opset=args.opset, layout=args.layout,
             size_threshold=args.size_threshold, data_name=args.data_name, align=args.align,
-            check=args.check, progress=update,
+            check=args.check, checksum=args.checksum, inline_functions=args.inline_functions,
+            progress=update,
         )
     finally:
         if bar is not None:
@@ -150,6 +156,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MemoryError:
         print("streamconv: error: out of memory", file=sys.stderr)
         return EXIT_USAGE
+    except Exception as e:  # a bug, not a user error: still one line, details with -v
+        logging.getLogger(__name__).debug("internal error", exc_info=True)
+        print(f"streamconv: internal error: {type(e).__name__}: {e} "
+              "(run with -v for details)", file=sys.stderr)
+        return EXIT_INTERNAL
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -9,6 +9,7 @@ then to a bounded buffer); they never become one Python object.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -69,6 +70,17 @@ class OutputPlan:
         )
 
 
+@dataclass(frozen=True)
+class ChecksumSlot:
+    """The ``checksum`` entry of a payload, filled in once its bytes are written."""
+
+    payload: Payload
+
+    @property
+    def size(self) -> int:
+        return len(_entry("checksum", "0" * 40))
+
+
 def _entry(key: str, value: str) -> bytes:
     k, v = key.encode(), value.encode()
     body = encode_len_header(F.ENTRY_KEY, len(k)) + k + encode_len_header(F.ENTRY_VALUE, len(v)) + v
@@ -98,6 +110,8 @@ class _Splicer:
         align: int,
         align_min: int,
         preserve: bool,
+        checksum: bool,
+        allow_duplicates: bool,
     ) -> None:
         self.payloads = payloads
         self.layout = layout
@@ -105,6 +119,9 @@ class _Splicer:
         self.align = align
         self.align_min = align_min
         self.preserve = preserve
+        self.checksum = checksum
+        self.allow_duplicates = allow_duplicates
+        self.placed: dict[int, int] = {}
         self.seen: set[int] = set()
         self.sidecar: list[tuple[int, Payload]] = []
         self.cursor = 0
@@ -130,7 +147,7 @@ class _Splicer:
             raise ConversionError(
                 f"stub {ident} has no payload (the converter made it up)", path=format_path(path)
             )
-        if ident in self.seen:
+        if ident in self.seen and not self.allow_duplicates:
             raise ConversionError(
                 f"tensor '{payload.name}' ({payload.path}) came back twice from conversion",
                 path=format_path(path),
@@ -149,15 +166,20 @@ class _Splicer:
 
     def _place(self, out: Rewrite, payload: Payload) -> None:
         if self.layout == "external":
-            offset = self.cursor
-            if payload.nbytes >= self.align_min and self.align > 1:
-                offset = -(-offset // self.align) * self.align
-            self.sidecar.append((offset, payload))
-            self.cursor = offset + payload.nbytes
+            offset = self.placed.get(payload.id, -1)
+            if offset < 0:  # a payload referenced twice (inlined functions) is stored once
+                offset = self.cursor
+                if payload.nbytes >= self.align_min and self.align > 1:
+                    offset = -(-offset // self.align) * self.align
+                self.sidecar.append((offset, payload))
+                self.placed[payload.id] = offset
+                self.cursor = offset + payload.nbytes
             assert self.data_name is not None
             out.add(_entry("location", self.data_name))
             out.add(_entry("offset", str(offset)))
             out.add(_entry("length", str(payload.nbytes)))
+            if self.checksum:
+                out.add(ChecksumSlot(payload))
             out.add(encode_tag(F.TENSOR_DATA_LOCATION, F.WT_VARINT))
             out.add(encode_varint(F.DATA_LOCATION_EXTERNAL))
         elif self.preserve:
@@ -177,19 +199,26 @@ def plan_output(
     align: int = 1 << 16,
     align_min: int = 1 << 20,
     preserve: bool = False,
+    checksum: bool = False,
+    allow_duplicates: bool = False,
 ) -> OutputPlan:
     """Plan the output of *skeleton* with every stub replaced, for *layout*.
 
     ``layout`` is ``inline``, ``external`` or ``auto`` (inline when the result
-    stays under 2 GiB).  Raises ConversionError if a stub is missing from the
-    skeleton or appears twice.
+    stays under 2 GiB).  With *checksum*, external tensors carry their SHA-1.
+    Raises ConversionError if a stub is missing from the skeleton or appears
+    twice (unless *allow_duplicates*).
     """
     if layout == "auto":
-        plan = plan_output(skeleton, payloads, "inline", preserve=preserve)
+        plan = plan_output(
+            skeleton, payloads, "inline", preserve=preserve, allow_duplicates=allow_duplicates
+        )
         if plan.model_size <= INLINE_LIMIT:
             return plan
         layout = "external"
-    splicer = _Splicer(payloads, layout, data_name, align, align_min, preserve)
+    splicer = _Splicer(
+        payloads, layout, data_name, align, align_min, preserve, checksum, allow_duplicates
+    )
     hooks = Hooks(enter=splicer.enter, tensor=splicer.tensor)
     model = rewrite_message(skeleton, 0, len(skeleton), "model", (), hooks)
     if model is None:
@@ -279,10 +308,16 @@ class _Copier:
 
 
 def _write_payload(
-    ref_payload: Payload, mode: str, fd: int, sources: _Sources, copier: _Copier, progress: Progress
+    ref_payload: Payload,
+    mode: str,
+    fd: int,
+    sources: _Sources,
+    copier: _Copier,
+    progress: Progress,
+    digest: Any = None,
 ) -> None:
     src = sources.fd(ref_payload.source)
-    if mode == "copy" or ref_payload.encoding != "varint":
+    if digest is None and (mode == "copy" or ref_payload.encoding != "varint"):
         try:
             copier.copy(src, fd, ref_payload.offset, ref_payload.length, progress)
         except ExternalDataError as e:
@@ -291,6 +326,8 @@ def _write_payload(
             raise
         return
     for chunk in iter_raw_chunks(ref_payload, src):
+        if digest is not None:
+            digest.update(chunk)
         _write_all(fd, chunk)
         progress(len(chunk))
 
@@ -306,6 +343,8 @@ def write_plan(
     report = progress or (lambda n: None)
     sources = _Sources()
     copier = _Copier()
+    wants_digest = any(isinstance(piece, ChecksumSlot) for piece in plan.model.pieces)
+    digests: dict[int, str] = {}
     try:
         if plan.layout == "external":
             assert data_fd is not None
@@ -315,11 +354,18 @@ def write_plan(
                     gap = min(len(ZEROS), offset - cursor)
                     _write_all(data_fd, ZEROS[:gap])
                     cursor += gap
-                _write_payload(payload, "raw", data_fd, sources, copier, report)
+                digest = hashlib.sha1(usedforsecurity=False) if wants_digest else None
+                _write_payload(payload, "raw", data_fd, sources, copier, report, digest)
+                if digest is not None:
+                    digests[payload.id] = digest.hexdigest()
                 cursor += payload.nbytes
         for piece in plan.model.pieces:
             if isinstance(piece, PayloadRef):
                 _write_payload(piece.payload, piece.mode, model_fd, sources, copier, report)
+            elif isinstance(piece, ChecksumSlot):
+                data = _entry("checksum", digests[piece.payload.id])
+                _write_all(model_fd, data)
+                report(len(data))
             else:
                 _write_all(model_fd, piece)
                 report(len(piece))

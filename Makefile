@@ -1,0 +1,48 @@
+# Set-up is automatic: every target creates .venv and installs what it needs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= build/demo
+OPSET ?= 18
+
+.PHONY: all install demo test test-all big corpus bench fuzz lint clean
+
+all: test
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	mkdir -p $(DEMO_DIR)
+	$(PY) -m fixtures.demo $(DEMO_DIR)/demo.onnx
+	$(PY) -m streamconv $(DEMO_DIR)/demo.onnx $(DEMO_DIR)/demo-opset$(OPSET).onnx --opset $(OPSET)
+	$(PY) -m streamconv $(DEMO_DIR)/demo.onnx $(DEMO_DIR)/demo-opset$(OPSET)-ext.onnx --opset $(OPSET) --layout external
+	$(PY) -m fixtures.demo --run $(DEMO_DIR)/demo.onnx $(DEMO_DIR)/demo-opset$(OPSET).onnx $(DEMO_DIR)/demo-opset$(OPSET)-ext.onnx
+
+# The suite CI runs (includes one conversion past 2 GiB).
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+# Every (backend node test case, target) pair: about 7,500 conversions.
+corpus: $(STAMP)
+	$(PY) -m fixtures.corpus --all
+
+bench: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) -m bench.run
+
+fuzz: $(STAMP)
+	STREAMCONV_FUZZ_EXAMPLES=20000 $(PY) -m pytest -q tests/test_fuzz.py
+
+lint: $(STAMP)
+	$(PY) -m ruff check streamconv tests fixtures bench
+	$(PY) -m mypy
+
+clean:
+	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache
