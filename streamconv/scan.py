@@ -165,7 +165,12 @@ def rewrite_message(
             if not hooks.enter(buf, a, b):
                 continue
             if child_kind == "tensor":
-                new = hooks.tensor(buf, a, b, child_path)
+                try:
+                    new = hooks.tensor(buf, a, b, child_path)
+                except WireFormatError as error:
+                    if error.path is None:
+                        error.path = format_path(child_path)
+                    raise
             else:
                 new = rewrite_message(buf, a, b, child_kind, child_path, hooks, depth + 1)
             if new is not None:

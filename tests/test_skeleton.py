@@ -1,0 +1,158 @@
+"""Skeleton building: which payloads are diverted, which stay inline, and why."""
+
+from __future__ import annotations
+
+import mmap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper, version_converter
+
+from streamconv.errors import ConversionError, WireFormatError
+from streamconv.skeleton import build_skeleton, stub_bytes
+from streamconv.splice import plan_output
+from streamconv.wire import encode_len_header
+from tests.models import if_loop_model, reduce_chain, typed_model
+
+
+def skeleton_of(model_bytes: bytes, tmp_path: Path, threshold: int):  # type: ignore[no-untyped-def]
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model_bytes)
+    with open(path, "rb") as f:
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return build_skeleton(buf, len(model_bytes), str(path), threshold)
+
+
+def test_finds_payloads_in_subgraphs_and_constants(tmp_path: Path) -> None:
+    sk = skeleton_of(if_loop_model().SerializeToString(), tmp_path, 64)
+    names = sorted(p.name for p in sk.payloads.values())
+    assert names == ["else_cv", "else_w", "loop_w", "then_cv", "then_w"]
+    paths = {p.name: p.path for p in sk.payloads.values()}
+    assert paths["then_cv"] == "graph.node[0].attribute[1].g.node[0].attribute[0].t"
+    assert paths["loop_w"] == "graph.node[1].attribute[0].g.initializer[0]"
+    # the skeleton is small: every payload left the bytes
+    assert len(sk.data) < 2000
+
+
+def test_float_data_payload_is_diverted(tmp_path: Path) -> None:
+    sk = skeleton_of(reduce_chain(as_float_data=True).SerializeToString(), tmp_path, 64)
+    by_name = {p.name: p for p in sk.payloads.values()}
+    assert by_name["W"].encoding == "fixed32"
+    assert by_name["W"].nbytes == 16 * 16 * 4
+    assert by_name["c_value"].encoding == "raw"
+
+
+def test_typed_fields_diverted_with_sizes(tmp_path: Path) -> None:
+    model, arrays = typed_model()
+    sk = skeleton_of(model.SerializeToString(), tmp_path, 64)
+    by_name = {p.name: p for p in sk.payloads.values()}
+    for name, array in arrays.items():
+        assert by_name[name].nbytes == array.nbytes, name
+
+
+def test_threshold_above_everything_diverts_nothing(tmp_path: Path) -> None:
+    data = if_loop_model().SerializeToString()
+    sk = skeleton_of(data, tmp_path, 1 << 20)
+    assert sk.payloads == {}
+    assert sk.data == data
+
+
+def axes_model() -> onnx.ModelProto:
+    """Opset 13: ReduceSum/Squeeze/Unsqueeze axes are initializers; W is unused weight."""
+    axes = [numpy_helper.from_array(np.array([0], np.int64), f"axes{i}") for i in range(3)]
+    w = numpy_helper.from_array(np.ones((16, 16), np.float32), "W")
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceSum", ["X", "axes0"], ["R"], keepdims=1),
+            helper.make_node("Squeeze", ["R", "axes1"], ["S"]),
+            helper.make_node("Unsqueeze", ["S", "axes2"], ["U"]),
+        ],
+        "axes", [helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT, [4, 16])],
+        [helper.make_tensor_value_info("U", onnx.TensorProto.FLOAT, [1, 16])],
+        initializer=[*axes, w],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@pytest.mark.parametrize("threshold", [0, 4])
+def test_value_read_tensors_stay_inline(tmp_path: Path, threshold: int) -> None:
+    model = axes_model()
+    sk = skeleton_of(model.SerializeToString(), tmp_path, threshold)
+    diverted = {p.name for p in sk.payloads.values()}
+    assert diverted == {"W"}
+    # the converter therefore sees the axes: same result as on the full model
+    oracle = version_converter.convert_version(model, 11)
+    ours = version_converter.convert_version(sk.model, 11)
+    assert [n.SerializeToString() for n in oracle.graph.node] == [
+        n.SerializeToString() for n in ours.graph.node
+    ]
+    squeeze = next(n for n in ours.graph.node if n.op_type == "Squeeze")
+    assert helper.get_attribute_value(squeeze.attribute[0]) == [0]
+
+
+def test_stubbed_axes_would_be_silently_wrong() -> None:
+    """Why value-read tensors must stay inline: onnx reads a stub as empty."""
+    model = axes_model()
+    for t in model.graph.initializer[:3]:
+        t.ClearField("raw_data")
+        t.data_location = onnx.TensorProto.EXTERNAL
+        t.external_data.add(key="location", value="nowhere")
+    converted = version_converter.convert_version(model, 11)
+    squeeze = next(n for n in converted.graph.node if n.op_type == "Squeeze")
+    assert helper.get_attribute_value(squeeze.attribute[0]) == []
+
+
+def test_integer_inputs_of_unlisted_ops_stay_inline(tmp_path: Path) -> None:
+    idx = numpy_helper.from_array(np.arange(400, dtype=np.int64) % 16, "idx")
+    w = numpy_helper.from_array(np.ones((16, 8), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["w", "idx"], ["y"])], "g", [],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], initializer=[w, idx],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    sk = skeleton_of(model.SerializeToString(), tmp_path, 0)
+    assert {p.name for p in sk.payloads.values()} == {"w"}
+
+
+def test_raw_data_length_must_match_dims(tmp_path: Path) -> None:
+    model = reduce_chain()
+    w = model.graph.initializer[0]
+    w.raw_data = w.raw_data[:-4]
+    data = model.SerializeToString()
+    with pytest.raises(WireFormatError, match=r"raw_data holds 1020 bytes but dims \[16, 16\]") as e:
+        skeleton_of(data, tmp_path, 64)
+    assert e.value.path == "graph.initializer[0] 'W'"
+    assert e.value.offset is not None and data[e.value.offset] == 0x4A  # raw_data tag
+
+
+def test_typed_count_must_match_dims(tmp_path: Path) -> None:
+    model = reduce_chain(as_float_data=True)
+    del model.graph.initializer[0].float_data[-1]
+    with pytest.raises(WireFormatError, match="255 stored values but dims"):
+        skeleton_of(model.SerializeToString(), tmp_path, 64)
+
+
+def test_lost_and_duplicated_stubs_are_errors(tmp_path: Path) -> None:
+    sk = skeleton_of(reduce_chain().SerializeToString(), tmp_path, 64)
+    assert len(sk.payloads) == 2
+    # lost: drop the initializer holding stub 1 from the converted skeleton
+    lost = onnx.ModelProto()
+    lost.CopyFrom(sk.model)
+    del lost.graph.initializer[:]
+    with pytest.raises(ConversionError, match="lost in conversion"):
+        plan_output(lost.SerializeToString(), sk.payloads, "inline")
+    # duplicated: the same stub twice
+    dup = onnx.ModelProto()
+    dup.CopyFrom(sk.model)
+    dup.graph.initializer.append(dup.graph.initializer[0])
+    with pytest.raises(ConversionError, match="came back twice"):
+        plan_output(dup.SerializeToString(), sk.payloads, "inline")
+
+
+def test_stub_bytes_parse_as_external_reference() -> None:
+    tensor = onnx.TensorProto()
+    tensor.ParseFromString(encode_len_header(8, 1) + b"w" + stub_bytes(42))
+    assert tensor.data_location == onnx.TensorProto.EXTERNAL
+    assert tensor.external_data[0].value == "__streamconv__/42"
