@@ -130,8 +130,8 @@ def _open_input(src: str) -> tuple[int, int]:
     return fd, size
 
 
-def _check(model: onnx.ModelProto, skeleton_payloads: dict[int, Any], workdir: str) -> None:
-    """Run onnx's checker (full check) on the converted model without its payloads.
+def _checker_error(model: onnx.ModelProto, payloads: dict[int, Any], workdir: str) -> str | None:
+    """onnx's full check of *model* (a skeleton) without its payloads; the error or None.
 
     Stubs are pointed at a sparse file of the right size, so the check costs
     what the skeleton costs, whatever the size of the weights.
@@ -141,31 +141,46 @@ def _check(model: onnx.ModelProto, skeleton_payloads: dict[int, Any], workdir: s
     cursor = 0
     for tensor, _, _ in iter_stub_tensors(view):
         ident = stub_id(tensor)
-        if ident is None or ident not in skeleton_payloads:
+        if ident is None or ident not in payloads:
             continue
-        nbytes = skeleton_payloads[ident].nbytes
+        nbytes = payloads[ident].nbytes
         del tensor.external_data[:]
         for key, value in (("location", "check.data"), ("offset", str(cursor)),
                            ("length", str(nbytes))):
             entry = tensor.external_data.add()
             entry.key, entry.value = key, value
         cursor += nbytes
-    with open(os.path.join(workdir, "check.data"), "wb") as f:
-        f.truncate(cursor)
+    data_path = os.path.join(workdir, "check.data")
     path = os.path.join(workdir, "check.onnx")
+    with open(data_path, "wb") as f:
+        f.truncate(cursor)
     with open(path, "wb") as f:
         f.write(view.SerializeToString())
     try:
         onnx.checker.check_model(path, full_check=True)
     except Exception as e:
-        reason = str(e).strip().splitlines()
-        raise ConversionError(
-            "the converted model fails onnx.checker: "
-            + (" ".join(line.strip() for line in reason[:3]) if reason else type(e).__name__)
-        ) from e
+        lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+        return "\n".join(lines) if lines else type(e).__name__
     finally:
         os.unlink(path)
-        os.unlink(os.path.join(workdir, "check.data"))
+        os.unlink(data_path)
+    return None
+
+
+def _check(
+    converted: onnx.ModelProto, skeleton: Skeleton, workdir: str, notes: list[str]
+) -> None:
+    """Refuse a converted model that fails onnx's checker, unless the input fails alike."""
+    error = _checker_error(converted, skeleton.payloads, workdir)
+    if error is None:
+        return
+    first = error.splitlines()[0]
+    before = _checker_error(skeleton.model, skeleton.payloads, workdir)
+    if before is not None and all(line in before for line in error.splitlines()):
+        notes.append(f"the input already fails onnx.checker the same way: {first}")
+        log.warning("the input already fails onnx.checker the same way: %s", first)
+        return
+    raise ConversionError(f"the converted model fails onnx.checker: {' '.join(error.splitlines()[:3])}")
 
 
 def convert(
@@ -180,6 +195,7 @@ def convert(
     check: bool = True,
     checksum: bool = False,
     inline_functions: bool = False,
+    reuse_data: bool = False,
     progress: ProgressCallback | None = None,
 ) -> Report:
     """Convert the ONNX model at *src* to ai.onnx *opset* and write it to *dst*.
@@ -190,7 +206,9 @@ def convert(
     relative to dst's folder.  Tensor payloads over *size_threshold* bytes are
     never loaded.  *check* validates the result with onnx's checker before it
     is written; *checksum* records each external tensor's SHA-1;
-    *inline_functions* inlines model-local functions before conversion.  The
+    *inline_functions* inlines model-local functions before conversion;
+    *reuse_data* references the input's own external-data files in place
+    (where they lie inside the output's folder) instead of copying them.  The
     input is not modified; the output appears atomically.
 
     Raises UsageError for bad options, WireFormatError/LimitError for a
@@ -201,6 +219,10 @@ def convert(
     started = time.perf_counter()
     src, dst = os.fspath(src), os.fspath(dst)
     _validate_options(layout, size_threshold, align, data_name)
+    if reuse_data and layout == "inline":
+        raise UsageError("--reuse-data needs --layout external or auto")
+    if reuse_data:
+        layout = "external"
     target = validate_target(opset) if opset is not None else max_opset()
     if data_name is None:
         data_name = os.path.basename(dst) + ".data"
@@ -233,6 +255,7 @@ def convert(
             skeleton_bytes, skeleton.payloads, layout,
             data_name=data_name, align=align, align_min=ALIGN_MIN, checksum=checksum,
             allow_duplicates=inline_functions,
+            reuse_dir=os.path.dirname(os.path.abspath(dst)) if reuse_data else None,
         )
         if layout == "inline" and plan.model_size > INLINE_LIMIT:
             log.info("inline output of %d bytes exceeds 2 GiB; only streaming readers can load it",
@@ -240,7 +263,7 @@ def convert(
         out = _OutputDir(dst)
         try:
             if check:
-                _check(converted, skeleton.payloads, out.path)
+                _check(converted, skeleton, out.path, result.notes)
             report = _write(plan, out, os.path.basename(dst), progress)
         except StreamconvError as e:
             raise e.with_file(dst) if isinstance(e, OutputError) else e
@@ -252,7 +275,9 @@ def convert(
         if buf is not None and hasattr(buf, "close"):
             buf.close()
         os.close(fd)
-    data_file = dst_data if plan.layout == "external" else None
+    data_file = dst_data if plan.sidecar else None
+    if plan.reused:
+        result.notes.append(f"{plan.reused} tensor(s) reference the input's data files in place")
     return Report(
         source=src,
         destination=dst,
@@ -290,7 +315,7 @@ def _write(
     except OSError as e:
         raise OutputError(f"cannot create the output: {e.strerror}") from e
     try:
-        if plan.layout == "external":
+        if plan.sidecar:
             assert plan.data_name is not None
             data_path = out.file(plan.data_name)
             data_fd = os.open(data_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -300,7 +325,7 @@ def _write(
         if data_fd is not None:
             os.close(data_fd)
     try:
-        if plan.layout == "external":
+        if plan.sidecar:
             assert plan.data_name is not None
             out.publish(plan.data_name)
         out.publish(name)

@@ -72,6 +72,9 @@ def _convert_parser() -> argparse.ArgumentParser:
                    help="skip the onnx.checker validation")
     p.add_argument("--checksum", action="store_true",
                    help="record each external tensor's SHA-1 in its 'checksum' key")
+    p.add_argument("--reuse-data", action="store_true",
+                   help="reference the input's external-data files in place (when they lie in "
+                   "the output's folder) instead of copying them into a new data file")
     p.add_argument("--inline-functions", action="store_true",
                    help="inline model-local functions into the graph before conversion")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
@@ -108,7 +111,7 @@ def _run_convert(argv: Sequence[str]) -> int:
             args.input, args.output, opset=args.opset, layout=args.layout,
             size_threshold=args.size_threshold, data_name=args.data_name, align=args.align,
             check=args.check, checksum=args.checksum, inline_functions=args.inline_functions,
-            progress=update,
+            reuse_data=args.reuse_data, progress=update,
         )
     finally:
         if bar is not None:

@@ -16,8 +16,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import onnx
-import onnx.inliner
 from onnx import defs, helper, version_converter
+
+import onnx.inliner
 
 from .errors import ConversionError, UsageError
 
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 DEFAULT_DOMAINS = ("", "ai.onnx")
 MIN_OPSET = 1
 PLACEHOLDER = "__streamconv_sparse__"
+HELD_DOMAIN = "streamconv.held"
 
 
 @dataclass
@@ -129,7 +131,19 @@ def _add_placeholders(graph: onnx.GraphProto) -> None:
         entry = dense.external_data.add()
         entry.key, entry.value = "location", PLACEHOLDER
         dense.data_location = onnx.TensorProto.EXTERNAL
+    del graph.sparse_initializer[:]
     for node in graph.node:
+        sparse_attrs = [a for a in node.attribute if a.HasField("sparse_tensor")]
+        if node.op_type == "Constant" and sparse_attrs:
+            sparse = sparse_attrs[0].sparse_tensor
+            del node.attribute[:]
+            dense = onnx.TensorProto()
+            dense.dims.extend(sparse.dims)
+            dense.data_type = sparse.values.data_type
+            entry = dense.external_data.add()
+            entry.key, entry.value = "location", PLACEHOLDER
+            dense.data_location = onnx.TensorProto.EXTERNAL
+            node.attribute.append(helper.make_attribute("value", dense))
         for _, _, g in _subgraphs(node):
             _add_placeholders(g)
 
@@ -177,6 +191,9 @@ def _restore_nodes(orig_nodes: object, conv_nodes: object) -> None:
             node.doc_string = source.doc_string
         if source.name and not node.name:
             node.name = source.name
+        if any(a.HasField("sparse_tensor") for a in source.attribute):
+            del node.attribute[:]
+            node.attribute.extend(source.attribute)
         _carry_unknown(source, node)
         originals = {(name, i): g for name, i, g in _subgraphs(source)}
         for name, i, g in _subgraphs(node):
@@ -213,7 +230,12 @@ def _convert_function(
     for name in fn.output:
         body.output.add().name = name
     if source != target:
-        converted = _run_converter(_graph_model(body, fn.opset_import, model), target, what)
+        held = _hold_references(body, fn, source, target, what)
+        imports = [*fn.opset_import, helper.make_opsetid(HELD_DOMAIN, 1)]
+        converted = _run_converter(_graph_model(body, imports, model), target, what)
+        for node in converted.graph.node:
+            if node.domain == HELD_DOMAIN:
+                node.CopyFrom(held[tuple(node.output)])
         _check_references(fn, converted.graph, what)
         del out.node[:]
         out.node.extend(converted.graph.node)
@@ -222,6 +244,88 @@ def _convert_function(
         if imp.domain in DEFAULT_DOMAINS:
             imp.version = target
     return out
+
+
+_DUMMY_VALUES: dict[int, object] = {
+    onnx.AttributeProto.FLOAT: 0.0,
+    onnx.AttributeProto.INT: 0,
+    onnx.AttributeProto.STRING: "",
+    onnx.AttributeProto.FLOATS: [0.0],
+    onnx.AttributeProto.INTS: [0],
+    onnx.AttributeProto.STRINGS: [""],
+}
+
+
+def _dummy_attribute(attr: onnx.AttributeProto) -> onnx.AttributeProto | None:
+    if attr.type == onnx.AttributeProto.TENSOR:
+        return helper.make_attribute(attr.name, helper.make_tensor("", onnx.TensorProto.FLOAT,
+                                                                   [], [0.0]))
+    if attr.type in _DUMMY_VALUES:
+        return helper.make_attribute(attr.name, _DUMMY_VALUES[attr.type])
+    return None
+
+
+def _converts_unchanged(node: onnx.NodeProto, source: int, target: int) -> bool:
+    """Whether onnx's converter leaves *node*'s inputs and attributes as they are.
+
+    The node's attribute references are replaced by dummy values of their type,
+    and a one-node model is converted to see what the adapters do.
+    """
+    probe = onnx.NodeProto()
+    probe.CopyFrom(node)
+    del probe.attribute[:]
+    for attr in node.attribute:
+        if attr.ref_attr_name:
+            dummy = _dummy_attribute(attr)
+            if dummy is None:
+                return False
+            probe.attribute.append(dummy)
+        else:
+            probe.attribute.append(attr)
+    graph = helper.make_graph(
+        [probe], "probe", [helper.make_value_info(n, onnx.TypeProto()) for n in node.input if n],
+        [helper.make_value_info(n, onnx.TypeProto()) for n in node.output if n],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", source)])
+    try:
+        converted = version_converter.convert_version(model, target)
+    except Exception:
+        return False
+    same = [n for n in converted.graph.node if list(n.output) == list(node.output)]
+    return (
+        len(converted.graph.node) == 1
+        and len(same) == 1
+        and same[0].op_type == node.op_type
+        and list(same[0].input) == list(node.input)
+        and sorted(a.name for a in same[0].attribute) == sorted(a.name for a in probe.attribute)
+    )
+
+
+def _hold_references(
+    body: onnx.GraphProto, fn: onnx.FunctionProto, source: int, target: int, what: str
+) -> dict[tuple[str, ...], onnx.NodeProto]:
+    """Set aside body nodes that use attribute references (the converter cannot see them).
+
+    A node is held out of conversion only when converting it would not change
+    it; otherwise the function cannot be converted faithfully: ConversionError.
+    """
+    held: dict[tuple[str, ...], onnx.NodeProto] = {}
+    for node in body.node:
+        refs = [a.name for a in node.attribute if a.ref_attr_name]
+        if not refs or node.domain not in DEFAULT_DOMAINS:
+            continue
+        if not _converts_unchanged(node, source, target):
+            raise ConversionError(
+                f"cannot convert {what}: node {node.op_type} ({node.name or node.output[0]}) "
+                f"takes attribute {refs[0]!r} from the caller and changes between opset "
+                f"{source} and {target}; use --inline-functions to inline functions first"
+            )
+        original = onnx.NodeProto()
+        original.CopyFrom(node)
+        held[tuple(node.output)] = original
+        node.domain = HELD_DOMAIN
+        del node.attribute[:]
+    return held
 
 
 def _check_references(fn: onnx.FunctionProto, body: onnx.GraphProto, what: str) -> None:

@@ -110,6 +110,8 @@ class Payload:
     count: int | None
     nbytes: int
     header: bytes = b""
+    #: True when the payload lives in one of the input's external-data files
+    external: bool = False
 
     @property
     def size(self) -> int:
@@ -207,6 +209,8 @@ class _Stubber:
                 return None  # external data is handled on the parsed skeleton
         if len(payload) != 1 or payload[0].wire_type != F.WT_LEN:
             return None
+        if path and path[-1] == "indices":
+            return None  # sparse indices are read by onnx's checker and shape inference
         p = payload[0]
         length = p.end - p.value
         if length <= self.threshold:
@@ -515,7 +519,7 @@ def _external_payload(
     return Payload(
         id=ident, path=path, name=tensor.name, source=real, offset=offset, length=length,
         encoding="raw", number=F.TENSOR_RAW_DATA, data_type=tensor.data_type, count=count,
-        nbytes=length,
+        nbytes=length, external=True,
     )
 
 

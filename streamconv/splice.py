@@ -58,6 +58,7 @@ class OutputPlan:
     data_name: str | None = None
     sidecar: list[tuple[int, Payload]] = field(default_factory=list)
     sidecar_size: int = 0
+    reused: int = 0
 
     @property
     def model_size(self) -> int:
@@ -112,6 +113,7 @@ class _Splicer:
         preserve: bool,
         checksum: bool,
         allow_duplicates: bool,
+        reuse_dir: str | None,
     ) -> None:
         self.payloads = payloads
         self.layout = layout
@@ -121,6 +123,8 @@ class _Splicer:
         self.preserve = preserve
         self.checksum = checksum
         self.allow_duplicates = allow_duplicates
+        self.reuse_dir = reuse_dir
+        self.reused = 0
         self.placed: dict[int, int] = {}
         self.seen: set[int] = set()
         self.sidecar: list[tuple[int, Payload]] = []
@@ -164,7 +168,25 @@ class _Splicer:
             out.add(bytes(buf[f.field_start:f.field_end]))
         return out
 
+    def _reusable(self, payload: Payload) -> str | None:
+        """The input data file's location relative to the output, if it can be referenced."""
+        if self.reuse_dir is None or not payload.external:
+            return None
+        rel = os.path.relpath(payload.source, self.reuse_dir)
+        if rel.startswith("..") or os.path.isabs(rel):
+            return None
+        return rel.replace(os.sep, "/")
+
     def _place(self, out: Rewrite, payload: Payload) -> None:
+        reuse = self._reusable(payload) if self.layout == "external" else None
+        if reuse is not None:
+            self.reused += 1
+            out.add(_entry("location", reuse))
+            out.add(_entry("offset", str(payload.offset)))
+            out.add(_entry("length", str(payload.nbytes)))
+            out.add(encode_tag(F.TENSOR_DATA_LOCATION, F.WT_VARINT))
+            out.add(encode_varint(F.DATA_LOCATION_EXTERNAL))
+            return
         if self.layout == "external":
             offset = self.placed.get(payload.id, -1)
             if offset < 0:  # a payload referenced twice (inlined functions) is stored once
@@ -201,13 +223,16 @@ def plan_output(
     preserve: bool = False,
     checksum: bool = False,
     allow_duplicates: bool = False,
+    reuse_dir: str | None = None,
 ) -> OutputPlan:
     """Plan the output of *skeleton* with every stub replaced, for *layout*.
 
     ``layout`` is ``inline``, ``external`` or ``auto`` (inline when the result
     stays under 2 GiB).  With *checksum*, external tensors carry their SHA-1.
     Raises ConversionError if a stub is missing from the skeleton or appears
-    twice (unless *allow_duplicates*).
+    twice (unless *allow_duplicates*).  With *reuse_dir* (the output's folder),
+    payloads already in the input's external-data files below that folder are
+    referenced in place instead of copied.
     """
     if layout == "auto":
         plan = plan_output(
@@ -217,7 +242,8 @@ def plan_output(
             return plan
         layout = "external"
     splicer = _Splicer(
-        payloads, layout, data_name, align, align_min, preserve, checksum, allow_duplicates
+        payloads, layout, data_name, align, align_min, preserve, checksum, allow_duplicates,
+        reuse_dir,
     )
     hooks = Hooks(enter=splicer.enter, tensor=splicer.tensor)
     model = rewrite_message(skeleton, 0, len(skeleton), "model", (), hooks)
@@ -230,8 +256,8 @@ def plan_output(
         raise ConversionError(
             f"{len(missing)} tensor(s) lost in conversion, first '{lost.name}' ({lost.path})"
         )
-    plan = OutputPlan(layout=layout, model=model)
-    if layout == "external":
+    plan = OutputPlan(layout=layout, model=model, reused=splicer.reused)
+    if layout == "external" and splicer.sidecar:
         plan.data_name = data_name
         plan.sidecar = splicer.sidecar
         plan.sidecar_size = splicer.cursor
@@ -346,7 +372,7 @@ def write_plan(
     wants_digest = any(isinstance(piece, ChecksumSlot) for piece in plan.model.pieces)
     digests: dict[int, str] = {}
     try:
-        if plan.layout == "external":
+        if plan.sidecar:
             assert data_fd is not None
             cursor = 0
             for offset, payload in plan.sidecar:
