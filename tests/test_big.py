@@ -120,3 +120,30 @@ def test_memory_stays_flat(big: BigModelInfo, tmp_path: Path) -> None:
         p.unlink()
     # the weights are 2240 MiB; the process (Python + onnx + numpy) stays far below
     assert peak_mib < 250, json.dumps({"peak_mib": peak_mib})
+
+
+def test_function_and_big_initializers(tmp_path: Path) -> None:
+    """Past 2 GiB with a model-local function: kept, converted, and callable."""
+    info = write_big_model(tmp_path / "fn.onnx", n_tensors=4, tensor_mib=560, opset=11,
+                           function=True)
+    dst = tmp_path / "fn18.onnx"
+    try:
+        assert info.file_size > 2 * GIB
+        report = convert(info.path, dst, opset=18)
+        assert report.layout == "external"  # auto: the result does not fit inline
+        info.path.unlink()
+        onnx.checker.check_model(str(dst), full_check=True)
+        model = onnx.load(str(dst), load_external_data=False)
+        (fn,) = model.functions
+        assert {o.domain: o.version for o in fn.opset_import}[""] == 18
+        assert [n.op_type for n in fn.node if n.op_type != "Constant"] == ["Unsqueeze", "Squeeze"]
+        assert all(len(n.input) == 2 for n in fn.node if n.op_type != "Constant")
+        x = np.full(info.k, 0.25, dtype=np.float32)
+        session = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
+        y = session.run(["Y"], {"X": x})[0]
+        del session
+        np.testing.assert_allclose(y, info.expected_output(x), rtol=1e-3)
+    finally:
+        for p in tmp_path.iterdir():
+            if p.is_file():
+                p.unlink()
