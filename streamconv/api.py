@@ -16,7 +16,7 @@ import onnx
 from .convert import convert_model, default_opset, max_opset, validate_target
 from .errors import ConversionError, OutputError, StreamconvError, UsageError, WireFormatError
 from .scan import map_file
-from .skeleton import Skeleton, build_skeleton, stub_id, iter_stub_tensors
+from .skeleton import Skeleton, build_skeleton, iter_stub_tensors, stub_id
 from .splice import INLINE_LIMIT, OutputPlan, plan_output, write_plan
 
 __all__ = ["LAYOUTS", "Report", "convert", "roundtrip"]
@@ -180,7 +180,8 @@ def _check(
         notes.append(f"the input already fails onnx.checker the same way: {first}")
         log.warning("the input already fails onnx.checker the same way: %s", first)
         return
-    raise ConversionError(f"the converted model fails onnx.checker: {' '.join(error.splitlines()[:3])}")
+    summary = " ".join(error.splitlines()[:3])
+    raise ConversionError(f"the converted model fails onnx.checker: {summary}")
 
 
 def convert(
@@ -265,8 +266,8 @@ def convert(
             if check:
                 _check(converted, skeleton, out.path, result.notes)
             report = _write(plan, out, os.path.basename(dst), progress)
-        except StreamconvError as e:
-            raise e.with_file(dst) if isinstance(e, OutputError) else e
+        except OutputError as e:
+            raise e.with_file(dst) from e.__cause__
         finally:
             out.cleanup()
     except ConversionError as e:

@@ -16,9 +16,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import onnx
-from onnx import defs, helper, version_converter
-
 import onnx.inliner
+from google.protobuf.message import Message
+from onnx import defs, helper, version_converter
 
 from .errors import ConversionError, UsageError
 
@@ -98,19 +98,19 @@ def _run_converter(model: onnx.ModelProto, target: int, what: str) -> onnx.Model
         raise ConversionError(f"onnx's version converter failed on {what}: {_reason(e)}") from e
 
 
-def _unknown_fields(message: object) -> bytes:
+def _unknown_fields(message: Message) -> bytes:
     """Wire bytes of the fields of *message* that its schema does not know."""
-    probe = type(message)()  # type: ignore[operator]
+    probe = type(message)()
     probe.CopyFrom(message)
     for descriptor in probe.DESCRIPTOR.fields:
         probe.ClearField(descriptor.name)
     return bytes(probe.SerializeToString())
 
 
-def _carry_unknown(source: object, target: object) -> None:
+def _carry_unknown(source: Message, target: Message) -> None:
     data = _unknown_fields(source)
     if data:
-        target.MergeFromString(data)  # type: ignore[attr-defined]
+        target.MergeFromString(data)
 
 
 def _subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, int, onnx.GraphProto]]:
@@ -206,7 +206,7 @@ def _graph_model(
 ) -> onnx.ModelProto:
     model = onnx.ModelProto()
     model.ir_version = like.ir_version
-    model.opset_import.extend(imports)  # type: ignore[arg-type]
+    model.opset_import.extend(imports)
     model.graph.CopyFrom(graph)
     return model
 

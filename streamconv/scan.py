@@ -155,7 +155,7 @@ def rewrite_message(
             child_kind, label, repeated = child
             index = counts.get(number, 0)
             counts[number] = index + 1
-            child_path = path + ((f"{label}[{index}]" if repeated else label),)
+            child_path = (*path, f"{label}[{index}]" if repeated else label)
             if wire_type != F.WT_LEN:
                 raise WireFormatError(
                     f"expected a length-delimited message, found wire type {wire_type}",

@@ -595,6 +595,7 @@ def _keep_value_reads(skeleton: Skeleton) -> None:
             payload = skeleton.payloads.pop(ident, None)
             if payload is None:
                 continue
-            log.debug("keeping value-read tensor %s inline (%d bytes)", payload.path, payload.nbytes)
+            log.debug("keeping value-read tensor %s inline (%d bytes)",
+                      payload.path, payload.nbytes)
             _unstub(tensor, payload)
             skeleton.edited = True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from pathlib import Path
 
@@ -12,8 +13,8 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from streamconv.cli import main as cli_main
 from streamconv import convert
+from streamconv.cli import main as cli_main
 from streamconv.convert import max_opset
 from streamconv.errors import ConversionError, StreamconvError, UsageError, WireFormatError
 from tests.conftest import leftovers
@@ -110,7 +111,7 @@ def test_progress_reaches_total(tmp_path: Path) -> None:
     report = convert(src, tmp_path / "o.onnx", opset=13, size_threshold=64,
                      progress=lambda done, total: seen.append((done, total)))
     assert seen and seen[-1][0] == seen[-1][1] == report.bytes_out
-    assert all(a[0] <= b[0] for a, b in zip(seen, seen[1:], strict=False))
+    assert all(a[0] <= b[0] for a, b in itertools.pairwise(seen))
 
 
 def test_default_target_is_newest(tmp_path: Path) -> None:
@@ -148,7 +149,9 @@ def _corruptions(data: bytes) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("kind", sorted(_corruptions(b"xx")))
-def test_bad_input_clear_error(tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_input_clear_error(
+    tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     data = _corruptions(reduce_chain().SerializeToString())[kind]
     src = tmp_path / "bad.onnx"
     src.write_bytes(data)
@@ -242,7 +245,7 @@ def test_model_without_default_opset(tmp_path: Path) -> None:
     del model.opset_import[:]
     model.opset_import.add(domain="custom", version=1)
     src = save(model, tmp_path / "in.onnx")
-    with pytest.raises(ConversionError, match="imports no ai.onnx opset"):
+    with pytest.raises(ConversionError, match=r"imports no ai\.onnx opset"):
         convert(src, tmp_path / "o.onnx")
 
 
@@ -256,7 +259,7 @@ def test_checker_failure_refuses_output(tmp_path: Path) -> None:
     )
     src = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]),
                tmp_path / "in.onnx")
-    with pytest.raises(ConversionError, match="fails onnx.checker"):
+    with pytest.raises(ConversionError, match=r"fails onnx\.checker"):
         convert(src, tmp_path / "o.onnx", opset=18)
     assert not (tmp_path / "o.onnx").exists() and leftovers(tmp_path) == []
     report = convert(src, tmp_path / "o.onnx", opset=18, check=False)

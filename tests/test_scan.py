@@ -75,7 +75,9 @@ def models(draw: st.DrawFn) -> bytes:
     return model.SerializeToString()
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(data=models(), threshold=st.sampled_from([0, 8, 100]))
 def test_round_trip_property(tmp_path: Path, data: bytes, threshold: int) -> None:
     src = tmp_path / "in.onnx"

@@ -121,7 +121,8 @@ def test_raw_data_length_must_match_dims(tmp_path: Path) -> None:
     w = model.graph.initializer[0]
     w.raw_data = w.raw_data[:-4]
     data = model.SerializeToString()
-    with pytest.raises(WireFormatError, match=r"raw_data holds 1020 bytes but dims \[16, 16\]") as e:
+    expected = r"raw_data holds 1020 bytes but dims \[16, 16\]"
+    with pytest.raises(WireFormatError, match=expected) as e:
         skeleton_of(data, tmp_path, 64)
     assert e.value.path == "graph.initializer[0] 'W'"
     assert e.value.offset is not None and data[e.value.offset] == 0x4A  # raw_data tag
