@@ -16,7 +16,7 @@ import onnx
 from .convert import convert_model, default_opset, max_opset, validate_target
 from .errors import ConversionError, OutputError, StreamconvError, UsageError, WireFormatError
 from .scan import map_file
-from .skeleton import Skeleton, build_skeleton, iter_stub_tensors, stub_id
+from .skeleton import MARKER, Skeleton, build_skeleton
 from .splice import INLINE_LIMIT, OutputPlan, plan_output, write_plan
 
 __all__ = ["LAYOUTS", "Report", "convert", "roundtrip"]
@@ -130,52 +130,40 @@ def _open_input(src: str) -> tuple[int, int]:
     return fd, size
 
 
-def _checker_error(model: onnx.ModelProto, payloads: dict[int, Any], workdir: str) -> str | None:
-    """onnx's full check of *model* (a skeleton) without its payloads; the error or None.
+def _checker_error(model_bytes: bytes, payloads: dict[int, Any], workdir: str) -> str | None:
+    """onnx's full check of a serialized skeleton without its payloads; the error or None.
 
-    Stubs are pointed at a sparse file of the right size, so the check costs
-    what the skeleton costs, whatever the size of the weights.
+    Each stub's location (``__streamconv__/<id>``) is made a sparse file of the
+    payload's size in a scratch folder, so the check costs what the skeleton
+    costs, whatever the size of the weights.
     """
-    view = onnx.ModelProto()
-    view.CopyFrom(model)
-    cursor = 0
-    for tensor, _, _ in iter_stub_tensors(view):
-        ident = stub_id(tensor)
-        if ident is None or ident not in payloads:
-            continue
-        nbytes = payloads[ident].nbytes
-        del tensor.external_data[:]
-        for key, value in (("location", "check.data"), ("offset", str(cursor)),
-                           ("length", str(nbytes))):
-            entry = tensor.external_data.add()
-            entry.key, entry.value = key, value
-        cursor += nbytes
-    data_path = os.path.join(workdir, "check.data")
-    path = os.path.join(workdir, "check.onnx")
-    with open(data_path, "wb") as f:
-        f.truncate(cursor)
-    with open(path, "wb") as f:
-        f.write(view.SerializeToString())
+    folder = tempfile.mkdtemp(prefix="check-", dir=workdir)
     try:
-        onnx.checker.check_model(path, full_check=True)
-    except Exception as e:
-        lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
-        return "\n".join(lines) if lines else type(e).__name__
+        stub_dir = os.path.join(folder, MARKER.rstrip("/"))
+        os.mkdir(stub_dir)
+        for ident, payload in payloads.items():
+            with open(os.path.join(stub_dir, str(ident)), "wb") as f:
+                f.truncate(payload.nbytes)
+        path = os.path.join(folder, "check.onnx")
+        with open(path, "wb") as f:
+            f.write(model_bytes)
+        try:
+            onnx.checker.check_model(path, full_check=True)
+        except Exception as e:
+            lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+            return "\n".join(lines) if lines else type(e).__name__
+        return None
     finally:
-        os.unlink(path)
-        os.unlink(data_path)
-    return None
+        shutil.rmtree(folder, ignore_errors=True)
 
 
-def _check(
-    converted: onnx.ModelProto, skeleton: Skeleton, workdir: str, notes: list[str]
-) -> None:
+def _check(converted: bytes, skeleton: Skeleton, workdir: str, notes: list[str]) -> None:
     """Refuse a converted model that fails onnx's checker, unless the input fails alike."""
     error = _checker_error(converted, skeleton.payloads, workdir)
     if error is None:
         return
     first = error.splitlines()[0]
-    before = _checker_error(skeleton.model, skeleton.payloads, workdir)
+    before = _checker_error(skeleton.model.SerializeToString(), skeleton.payloads, workdir)
     if before is not None and all(line in before for line in error.splitlines()):
         notes.append(f"the input already fails onnx.checker the same way: {first}")
         log.warning("the input already fails onnx.checker the same way: %s", first)
@@ -264,7 +252,7 @@ def convert(
         out = _OutputDir(dst)
         try:
             if check:
-                _check(converted, skeleton, out.path, result.notes)
+                _check(skeleton_bytes, skeleton, out.path, result.notes)
             report = _write(plan, out, os.path.basename(dst), progress)
         except OutputError as e:
             raise e.with_file(dst) from e.__cause__

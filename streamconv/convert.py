@@ -12,7 +12,7 @@ back from the input by identity (node outputs, tensor names).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import onnx
@@ -113,48 +113,79 @@ def _carry_unknown(source: Message, target: Message) -> None:
         target.MergeFromString(data)
 
 
+_GRAPH_TYPES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+_SPARSE_TYPES = (onnx.AttributeProto.SPARSE_TENSOR, onnx.AttributeProto.SPARSE_TENSORS)
+_SPECIAL_TYPES = _GRAPH_TYPES + _SPARSE_TYPES
+
+
 def _subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, int, onnx.GraphProto]]:
     for attr in node.attribute:
-        if attr.HasField("g"):
+        if attr.type == onnx.AttributeProto.GRAPH or attr.HasField("g"):
             yield attr.name, -1, attr.g
         for i, g in enumerate(attr.graphs):
             yield attr.name, i, g
 
 
+def _has_unknown_fields(model: onnx.ModelProto) -> bool:
+    """Whether any message in *model* carries fields its schema does not know."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.DiscardUnknownFields()
+    return bool(probe.ByteSize() != model.ByteSize())
+
+
+def _has_sparse(graph: onnx.GraphProto) -> bool:
+    if graph.sparse_initializer:
+        return True
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type in _SPARSE_TYPES:
+                return True
+            if attr.type in _GRAPH_TYPES and any(_has_sparse(g) for _, _, g in _subgraphs(node)):
+                return True
+    return False
+
+
+def _placeholder(dims: Iterable[int], data_type: int, name: str = "") -> onnx.TensorProto:
+    dense = onnx.TensorProto()
+    dense.name = name
+    dense.dims.extend(dims)
+    dense.data_type = data_type
+    entry = dense.external_data.add()
+    entry.key, entry.value = "location", PLACEHOLDER
+    dense.data_location = onnx.TensorProto.EXTERNAL
+    return dense
+
+
 def _add_placeholders(graph: onnx.GraphProto) -> None:
     """Show sparse initializers to the converter as dense (data-less) initializers."""
     for sparse in graph.sparse_initializer:
-        dense = graph.initializer.add()
-        dense.name = sparse.values.name
-        dense.dims.extend(sparse.dims)
-        dense.data_type = sparse.values.data_type
-        entry = dense.external_data.add()
-        entry.key, entry.value = "location", PLACEHOLDER
-        dense.data_location = onnx.TensorProto.EXTERNAL
+        graph.initializer.append(
+            _placeholder(sparse.dims, sparse.values.data_type, sparse.values.name)
+        )
     del graph.sparse_initializer[:]
     for node in graph.node:
-        sparse_attrs = [a for a in node.attribute if a.HasField("sparse_tensor")]
-        if node.op_type == "Constant" and sparse_attrs:
-            sparse = sparse_attrs[0].sparse_tensor
+        types = [a.type for a in node.attribute]
+        if node.op_type == "Constant" and onnx.AttributeProto.SPARSE_TENSOR in types:
+            sparse = node.attribute[types.index(onnx.AttributeProto.SPARSE_TENSOR)].sparse_tensor
+            dense = _placeholder(sparse.dims, sparse.values.data_type)
             del node.attribute[:]
-            dense = onnx.TensorProto()
-            dense.dims.extend(sparse.dims)
-            dense.data_type = sparse.values.data_type
-            entry = dense.external_data.add()
-            entry.key, entry.value = "location", PLACEHOLDER
-            dense.data_location = onnx.TensorProto.EXTERNAL
             node.attribute.append(helper.make_attribute("value", dense))
-        for _, _, g in _subgraphs(node):
-            _add_placeholders(g)
+        elif any(t in _GRAPH_TYPES for t in types):
+            for _, _, g in _subgraphs(node):
+                _add_placeholders(g)
 
 
-def _restore_graph(orig: onnx.GraphProto, conv: onnx.GraphProto) -> None:
-    """Copy back what the converter dropped from a graph, matching by identity."""
-    kept = [
-        t for t in conv.initializer
-        if not any(e.key == "location" and e.value == PLACEHOLDER for e in t.external_data)
-    ]
-    if len(kept) != len(conv.initializer):
+def _restore_graph(orig: onnx.GraphProto, conv: onnx.GraphProto, unknown: bool) -> None:
+    """Copy back what the converter dropped from a graph, matching by identity.
+
+    With *unknown*, the model has unknown fields somewhere and every message
+    is checked for them.
+    """
+    if any(e.value == PLACEHOLDER for t in conv.initializer for e in t.external_data):
+        kept = [
+            t for t in conv.initializer if not any(e.value == PLACEHOLDER for e in t.external_data)
+        ]
         del conv.initializer[:]
         conv.initializer.extend(kept)
     if orig.sparse_initializer and not conv.sparse_initializer:
@@ -165,25 +196,37 @@ def _restore_graph(orig: onnx.GraphProto, conv: onnx.GraphProto) -> None:
         conv.quantization_annotation.extend(orig.quantization_annotation)
     if orig.doc_string and not conv.doc_string:
         conv.doc_string = orig.doc_string
-    _carry_unknown(orig, conv)
-    by_name = {t.name: t for t in orig.initializer}
-    for t in conv.initializer:
-        source = by_name.get(t.name)
-        if source is None:
-            continue
-        if source.doc_string and not t.doc_string:
-            t.doc_string = source.doc_string
-        if source.metadata_props and not t.metadata_props:
-            t.metadata_props.extend(source.metadata_props)
-        _carry_unknown(source, t)
-    _restore_nodes(orig.node, conv.node)
+    if unknown:
+        _carry_unknown(orig, conv)
+    by_name = {t.name: t for t in orig.initializer if unknown or t.doc_string or t.metadata_props}
+    if by_name:
+        for t in conv.initializer:
+            source = by_name.get(t.name)
+            if source is None:
+                continue
+            if source.doc_string and not t.doc_string:
+                t.doc_string = source.doc_string
+            if source.metadata_props and not t.metadata_props:
+                t.metadata_props.extend(source.metadata_props)
+            if unknown:
+                _carry_unknown(source, t)
+    _restore_nodes(orig.node, conv.node, unknown)
 
 
-def _restore_nodes(orig_nodes: object, conv_nodes: object) -> None:
-    by_outputs = {tuple(n.output): n for n in orig_nodes}  # type: ignore[attr-defined]
-    for node in conv_nodes:  # type: ignore[attr-defined]
-        source = by_outputs.get(tuple(node.output))
-        if source is None:
+def _restore_nodes(orig_nodes: Iterable[onnx.NodeProto], conv_nodes: Iterable[onnx.NodeProto],
+                   unknown: bool = False) -> None:
+    """Copy back node metadata, sparse attributes and subgraph contents by node outputs."""
+    special = {
+        n.output[0]: n for n in orig_nodes
+        if n.output and (
+            unknown or n.metadata_props or any(a.type in _SPECIAL_TYPES for a in n.attribute)
+        )
+    }
+    if not special:
+        return
+    for node in conv_nodes:
+        source = special.get(node.output[0]) if node.output else None
+        if source is None or list(source.output) != list(node.output):
             continue
         if source.metadata_props and not node.metadata_props:
             node.metadata_props.extend(source.metadata_props)
@@ -191,14 +234,15 @@ def _restore_nodes(orig_nodes: object, conv_nodes: object) -> None:
             node.doc_string = source.doc_string
         if source.name and not node.name:
             node.name = source.name
-        if any(a.HasField("sparse_tensor") for a in source.attribute):
+        if any(a.type in _SPARSE_TYPES for a in source.attribute):
             del node.attribute[:]
             node.attribute.extend(source.attribute)
-        _carry_unknown(source, node)
+        if unknown:
+            _carry_unknown(source, node)
         originals = {(name, i): g for name, i, g in _subgraphs(source)}
         for name, i, g in _subgraphs(node):
             if (name, i) in originals:
-                _restore_graph(originals[(name, i)], g)
+                _restore_graph(originals[(name, i)], g, unknown)
 
 
 def _graph_model(
@@ -390,7 +434,7 @@ def _convert_training(
         closed = _close_graph(graph, model.graph)
         converted = _run_converter(_graph_model(closed, model.opset_import, model), target, what)
         del converted.graph.input[len(graph.input):]
-        _restore_graph(graph, converted.graph)
+        _restore_graph(graph, converted.graph, unknown=False)
         getattr(out, name).CopyFrom(converted.graph)
     return out
 
@@ -404,8 +448,12 @@ def convert_model(
     it failed on) when the converter refuses.
     """
     notes: list[str] = []
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
+    work = model
+    sparse = _has_sparse(model.graph)
+    if sparse or model.functions or model.training_info:
+        # the converter must not see these; work on a copy
+        work = onnx.ModelProto()
+        work.CopyFrom(model)
     if inline_functions and work.functions:
         try:
             work = onnx.inliner.inline_local_functions(work)
@@ -414,14 +462,18 @@ def convert_model(
         notes.append(f"inlined {len(model.functions)} model-local function(s)")
     functions = list(work.functions)
     training = list(work.training_info)
-    del work.functions[:]
-    del work.training_info[:]
-    _add_placeholders(work.graph)
+    if work is not model:
+        del work.functions[:]
+        del work.training_info[:]
+    if sparse:
+        _add_placeholders(work.graph)
     converted = _run_converter(work, target, "the main graph")
-    _restore_graph(model.graph, converted.graph)
+    unknown = _has_unknown_fields(model)
+    _restore_graph(model.graph, converted.graph, unknown)
     converted.functions.extend(_convert_function(fn, target, model) for fn in functions)
     converted.training_info.extend(_convert_training(t, target, model) for t in training)
-    _carry_unknown(model, converted)
+    if unknown:
+        _carry_unknown(model, converted)
     needed = min_ir_version(target)
     if converted.ir_version < needed:
         converted.ir_version = needed

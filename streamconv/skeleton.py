@@ -572,6 +572,10 @@ def build_skeleton(
 
 def _restub_external(skeleton: Skeleton, source: str) -> None:
     """Turn the input's own external-data references into stubs."""
+    # Each stub carries one "location" entry; more of them means external data.
+    stubs = len(skeleton.payloads)
+    if skeleton.data.count(b"location") <= stubs and skeleton.data.count(b"\x70\x01") <= stubs:
+        return
     base = os.path.dirname(os.path.abspath(source))
     for tensor, _, path in iter_stub_tensors(skeleton.model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL or stub_id(tensor) is not None:
@@ -582,19 +586,40 @@ def _restub_external(skeleton: Skeleton, source: str) -> None:
         skeleton.edited = True
 
 
+def resolve_path(model: onnx.ModelProto, path: str) -> tuple[onnx.TensorProto, str]:
+    """The tensor at field *path* (as the scanner names it) and the value name it defines.
+
+    The value name is the tensor's name, or a Constant node's output for its
+    ``value`` attribute.
+    """
+    obj: Any = model
+    parents: list[Any] = []
+    for part in path.split("."):
+        name, _, index = part.partition("[")
+        obj = getattr(obj, name)
+        if index:
+            obj = obj[int(index[:-1])]
+        parents.append(obj)
+    tensor = obj
+    if len(parents) >= 3 and path.endswith(".t"):
+        node, attr = parents[-3], parents[-2]
+        if isinstance(node, onnx.NodeProto) and node.op_type == "Constant" and node.output \
+                and attr.name == "value":
+            return tensor, node.output[0]
+    return tensor, tensor.name
+
+
 def _keep_value_reads(skeleton: Skeleton) -> None:
     """Put back inline every stubbed tensor whose value the converter reads."""
     if not skeleton.payloads:
         return
     always, if_integer = value_read_names(skeleton.model)
-    for tensor, value_name, _ in iter_stub_tensors(skeleton.model):
-        ident = stub_id(tensor)
-        if ident is None or not value_name:
+    for ident, payload in list(skeleton.payloads.items()):
+        tensor, value_name = resolve_path(skeleton.model, payload.path)
+        if not value_name:
             continue
         if value_name in always or (value_name in if_integer and tensor.data_type in INDEX_TYPES):
-            payload = skeleton.payloads.pop(ident, None)
-            if payload is None:
-                continue
+            del skeleton.payloads[ident]
             log.debug("keeping value-read tensor %s inline (%d bytes)",
                       payload.path, payload.nbytes)
             _unstub(tensor, payload)

@@ -77,6 +77,16 @@ def read_field(buf: Sequence[int], pos: int, end: int) -> tuple[int, int, int, i
     (for length-delimited fields the content excludes tag and length).
     Raises WireFormatError if the field does not fit before *end*.
     """
+    # Fast path (most fields of a graph): one-byte tag, short length prefix.
+    if pos + 2 < end:
+        key = buf[pos]
+        if key < 0x80 and key & 7 == WT_LEN and key >= 8:
+            length = buf[pos + 1]
+            q = pos + 2
+            if length >= 0x80:
+                length, q = read_varint(buf, pos + 1, end)
+            if length <= end - q:
+                return key >> 3, WT_LEN, q, q + length, q + length
     field, wire_type, p = read_tag(buf, pos, end)
     if wire_type == WT_VARINT:
         value, q = read_varint(buf, p, end)
