@@ -11,13 +11,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import onnx
-
-from .convert import convert_model, default_opset, max_opset, validate_target
 from .errors import ConversionError, OutputError, StreamconvError, UsageError, WireFormatError
 from .scan import map_file
-from .skeleton import MARKER, Skeleton, build_skeleton
-from .splice import INLINE_LIMIT, OutputPlan, plan_output, write_plan
+from .skeleton import MARKER, Payload, Skeleton, analyze_skeleton, build_skeleton, scan_payloads
+from .splice import INLINE_LIMIT, OutputPlan, SidecarWriter, plan_output, write_plan
 
 __all__ = ["LAYOUTS", "Report", "convert", "roundtrip"]
 
@@ -27,6 +24,8 @@ LAYOUTS = ("auto", "inline", "external")
 DEFAULT_THRESHOLD = 1024
 DEFAULT_ALIGN = 1 << 16
 ALIGN_MIN = 1 << 20
+#: payloads at least this large are copied while the skeleton converts
+EARLY_MIN = 64 << 10
 
 #: progress(done_bytes, total_bytes)
 ProgressCallback = Callable[[int, int], None]
@@ -137,6 +136,8 @@ def _checker_error(model_bytes: bytes, payloads: dict[int, Any], workdir: str) -
     payload's size in a scratch folder, so the check costs what the skeleton
     costs, whatever the size of the weights.
     """
+    import onnx
+
     folder = tempfile.mkdtemp(prefix="check-", dir=workdir)
     try:
         stub_dir = os.path.join(folder, MARKER.rstrip("/"))
@@ -198,7 +199,8 @@ def convert(
     *inline_functions* inlines model-local functions before conversion;
     *reuse_data* references the input's own external-data files in place
     (where they lie inside the output's folder) instead of copying them.  The
-    input is not modified; the output appears atomically.
+    input is not modified; the output appears atomically.  *progress* is
+    called with (bytes written, bytes to write), possibly from a worker thread.
 
     Raises UsageError for bad options, WireFormatError/LimitError for a
     malformed input, ExternalDataError for bad external-data references,
@@ -212,7 +214,6 @@ def convert(
         raise UsageError("--reuse-data needs --layout external or auto")
     if reuse_data:
         layout = "external"
-    target = validate_target(opset) if opset is not None else max_opset()
     if data_name is None:
         data_name = os.path.basename(dst) + ".data"
     data_name = data_name.replace(os.sep, "/")
@@ -222,12 +223,29 @@ def convert(
     if os.path.exists(dst_data) and _same_file(src, dst_data):
         raise UsageError("the output's data file would overwrite the input", file=src)
 
+    job = _Job(dst, progress)
     fd, size = _open_input(src)
     buf: Any = None
     try:
         buf = map_file(fd, size)
         try:
-            skeleton = build_skeleton(buf, size, src, size_threshold)
+            data, payloads = scan_payloads(buf, size, src, size_threshold)
+        except StreamconvError as e:
+            raise e.with_file(src) from e.__cause__
+        # Where the layout is already certain to be external, payload bytes
+        # start moving now, while onnx loads and the skeleton converts.
+        predicted = size + sum(p.nbytes - p.length for p in payloads.values())
+        if layout == "external" or (layout == "auto" and predicted > INLINE_LIMIT + (1 << 20)):
+            layout = "external"
+            job.start_sidecar(
+                data_name, [p for p in payloads.values() if p.nbytes >= EARLY_MIN],
+                align=align, checksum=checksum,
+            )
+        from .converter import convert_model, default_opset, max_opset, validate_target
+
+        target = validate_target(opset) if opset is not None else max_opset()
+        try:
+            skeleton = analyze_skeleton(data, payloads, src)
         except StreamconvError as e:
             raise e.with_file(src) from e.__cause__
         for other in {p.source for p in skeleton.payloads.values()}:
@@ -238,33 +256,35 @@ def convert(
                     )
         opset_from = default_opset(skeleton.model)
         result = convert_model(skeleton.model, target, inline_functions=inline_functions)
-        converted = result.model
-        skeleton_bytes = converted.SerializeToString()
+        skeleton_bytes = result.model.SerializeToString()
+        early = job.sidecar
         plan = plan_output(
             skeleton_bytes, skeleton.payloads, layout,
             data_name=data_name, align=align, align_min=ALIGN_MIN, checksum=checksum,
             allow_duplicates=inline_functions,
             reuse_dir=os.path.dirname(os.path.abspath(dst)) if reuse_data else None,
+            preplaced=early.offsets if early else None, start=early.end if early else 0,
         )
+        if early is not None:
+            dead = set(early.offsets) - set(skeleton.payloads)
+            if dead:
+                log.info("%d payload(s) copied early were kept inline after all", len(dead))
         if layout == "inline" and plan.model_size > INLINE_LIMIT:
             log.info("inline output of %d bytes exceeds 2 GiB; only streaming readers can load it",
                      plan.model_size)
-        out = _OutputDir(dst)
-        try:
-            if check:
-                _check(skeleton_bytes, skeleton, out.path, result.notes)
-            report = _write(plan, out, os.path.basename(dst), progress)
-        except OutputError as e:
-            raise e.with_file(dst) from e.__cause__
-        finally:
-            out.cleanup()
+        if check:
+            _check(skeleton_bytes, skeleton, job.out.path, result.notes)
+        written = job.write(plan, os.path.basename(dst))
     except ConversionError as e:
         raise e.with_file(src) from e.__cause__
+    except OutputError as e:
+        raise e.with_file(dst) from e.__cause__
     finally:
+        job.close()
         if buf is not None and hasattr(buf, "close"):
             buf.close()
         os.close(fd)
-    data_file = dst_data if plan.sidecar else None
+    data_file = dst_data if plan.sidecar or plan.sidecar_size else None
     if plan.reused:
         result.notes.append(f"{plan.reused} tensor(s) reference the input's data files in place")
     return Report(
@@ -277,50 +297,97 @@ def convert(
         tensors_diverted=len(skeleton.payloads),
         bytes_diverted=sum(p.nbytes for p in skeleton.payloads.values()),
         bytes_in=size,
-        bytes_out=report,
+        bytes_out=written,
         seconds=time.perf_counter() - started,
         check="onnx.checker.check_model(full_check=True)" if check else "skipped",
         warnings=result.notes,
     )
 
 
-def _write(
-    plan: OutputPlan, out: _OutputDir, name: str, progress: ProgressCallback | None
-) -> int:
-    """Write *plan* into the temporary folder, then publish; return bytes written."""
-    total = plan.model_size + plan.sidecar_size
-    done = 0
+class _Job:
+    """The output side of one conversion: temporary folder, files, early sidecar copy."""
 
-    def step(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress is not None:
-            progress(done, total)
+    def __init__(self, dst: str, progress: ProgressCallback | None) -> None:
+        self.dst = dst
+        self.progress = progress
+        self._out: _OutputDir | None = None
+        self.sidecar: SidecarWriter | None = None
+        self.data_name: str | None = None
+        self.data_fd: int | None = None
+        self.done = 0
+        self.total = 0
 
-    model_path = out.file(name)
-    data_fd = None
-    try:
-        model_fd = os.open(model_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except OSError as e:
-        raise OutputError(f"cannot create the output: {e.strerror}") from e
-    try:
-        if plan.sidecar:
-            assert plan.data_name is not None
-            data_path = out.file(plan.data_name)
-            data_fd = os.open(data_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        write_plan(plan, model_fd, data_fd, step)
-    finally:
-        os.close(model_fd)
-        if data_fd is not None:
-            os.close(data_fd)
-    try:
-        if plan.sidecar:
-            assert plan.data_name is not None
-            out.publish(plan.data_name)
-        out.publish(name)
-    except OSError as e:
-        raise OutputError(f"cannot move the output into place: {e.strerror}") from e
-    return total
+    @property
+    def out(self) -> _OutputDir:
+        if self._out is None:
+            self._out = _OutputDir(self.dst)
+        return self._out
+
+    def step(self, n: int) -> None:
+        self.done += n
+        if self.progress is not None:
+            self.progress(self.done, max(self.total, self.done))
+
+    def _open_data(self, data_name: str) -> int:
+        if self.data_fd is None:
+            path = self.out.file(data_name)
+            try:
+                self.data_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            except OSError as e:
+                raise OutputError(f"cannot create the data file: {e.strerror}") from e
+            self.data_name = data_name
+        return self.data_fd
+
+    def start_sidecar(
+        self, data_name: str, payloads: list[Payload], *, align: int, checksum: bool
+    ) -> None:
+        fd = self._open_data(data_name)
+        self.sidecar = SidecarWriter(payloads, fd, align=align, align_min=ALIGN_MIN,
+                                     checksum=checksum, progress=self.step)
+        self.total = self.sidecar.end
+        self.sidecar.start()
+
+    def write(self, plan: OutputPlan, name: str) -> int:
+        """Write *plan* into the temporary folder, then publish; return bytes written."""
+        self.total = plan.model_size + plan.sidecar_size
+        digests: dict[int, str] = {}
+        if self.sidecar is not None:
+            self.sidecar.finish()
+            digests = self.sidecar.digests
+        model_path = self.out.file(name)
+        try:
+            model_fd = os.open(model_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except OSError as e:
+            raise OutputError(f"cannot create the output: {e.strerror}") from e
+        try:
+            data_fd = None
+            if plan.sidecar or plan.sidecar_size:
+                assert plan.data_name is not None
+                data_fd = self._open_data(plan.data_name)
+            write_plan(plan, model_fd, data_fd, self.step, digests)
+        finally:
+            os.close(model_fd)
+        try:
+            if self.data_fd is not None:
+                os.close(self.data_fd)
+                self.data_fd = None
+                if plan.sidecar or plan.sidecar_size:
+                    assert self.data_name is not None
+                    self.out.publish(self.data_name)
+            self.out.publish(name)
+        except OSError as e:
+            raise OutputError(f"cannot move the output into place: {e.strerror}") from e
+        return self.total
+
+    def close(self) -> None:
+        """Stop any background copy and remove the temporary folder."""
+        if self.sidecar is not None:
+            self.sidecar.stop()
+        if self.data_fd is not None:
+            os.close(self.data_fd)
+            self.data_fd = None
+        if self._out is not None:
+            self._out.cleanup()
 
 
 def roundtrip(
@@ -343,11 +410,11 @@ def roundtrip(
         except StreamconvError as e:
             raise e.with_file(src) from e.__cause__
         plan = plan_output(skeleton.data, skeleton.payloads, "inline", preserve=True)
-        out = _OutputDir(dst)
+        job = _Job(dst, None)
         try:
-            return _write(plan, out, os.path.basename(dst), None)
+            return job.write(plan, os.path.basename(dst))
         finally:
-            out.cleanup()
+            job.close()
     finally:
         if buf is not None and hasattr(buf, "close"):
             buf.close()

@@ -11,7 +11,6 @@ from typing import Any
 
 from . import __version__
 from .api import DEFAULT_ALIGN, DEFAULT_THRESHOLD, LAYOUTS, convert
-from .convert import max_opset
 from .errors import StreamconvError
 
 __all__ = ["main"]
@@ -47,7 +46,7 @@ def _convert_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="where to write the converted model")
     p.add_argument(
         "--opset", type=int, default=None,
-        help=f"target ai.onnx opset (default: {max_opset()}, the newest onnx knows)",
+        help="target ai.onnx opset (default: the newest the installed onnx knows)",
     )
     p.add_argument(
         "--layout", choices=LAYOUTS, default="auto",

@@ -128,6 +128,14 @@ def format_path(path: Path) -> str:
     return ".".join(path) if path else "model"
 
 
+def _short_path(path: Path, keep: int = 4) -> str:
+    """Like :func:`format_path`, eliding the middle of paths too deep to read on one line."""
+    if len(path) <= 2 * keep + 1:
+        return format_path(path)
+    hidden = len(path) - 2 * keep
+    return ".".join((*path[:keep], f"<{hidden} more>", *path[-keep:]))
+
+
 def rewrite_message(
     buf: Any, start: int, end: int, kind: str, path: Path, hooks: Hooks, depth: int = 0
 ) -> Rewrite | None:
@@ -139,7 +147,7 @@ def rewrite_message(
     """
     if depth > MAX_DEPTH:
         raise LimitError(
-            f"messages nested more than {MAX_DEPTH} deep", offset=start, path=format_path(path)
+            f"messages nested more than {MAX_DEPTH} deep", offset=start, path=_short_path(path)
         )
     children = CHILDREN[kind]
     counts: dict[int, int] = {}

@@ -17,11 +17,7 @@ import posixpath
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
-
-import numpy as np
-import onnx
-from google.protobuf.message import DecodeError
+from typing import TYPE_CHECKING, Any
 
 from . import fields as F
 from .errors import ExternalDataError, WireFormatError
@@ -36,13 +32,19 @@ from .scan import (
 )
 from .wire import encode_len_header, encode_tag, encode_varint
 
+if TYPE_CHECKING:  # onnx and numpy load lazily: the wire phase runs while they import
+    import numpy as np
+    import onnx
+
 __all__ = [
     "MARKER",
     "Payload",
     "Skeleton",
+    "analyze_skeleton",
     "build_skeleton",
     "iter_raw_chunks",
     "iter_stub_tensors",
+    "scan_payloads",
     "stub_id",
     "value_read_names",
 ]
@@ -131,7 +133,7 @@ class Skeleton:
 
 def stub_id(tensor: onnx.TensorProto) -> int | None:
     """The stub id a tensor carries, or None if it is not a stub."""
-    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+    if tensor.data_location != F.DATA_LOCATION_EXTERNAL:
         return None
     for entry in tensor.external_data:
         if entry.key == "location" and entry.value.startswith(MARKER):
@@ -167,6 +169,8 @@ def _count_varints(buf: Any, start: int, end: int, where: dict[str, Any]) -> int
     """Count the varints in a packed run, checking it ends on a whole varint."""
     if end > start and buf[end - 1] >= 0x80:
         raise WireFormatError("packed varints end inside a varint", **where)
+    import numpy as np
+
     count = 0
     for pos in range(start, end, CHUNK):
         n = min(CHUNK, end - pos)
@@ -235,7 +239,7 @@ class _Stubber:
             target = F.TYPED_FIELD_TARGETS[p.number].get(data_type)
             if target is None:
                 return None  # a combination onnx does not define; leave it inline
-            itemsize = np.dtype(target).itemsize
+            itemsize = int(target[-1])  # "<f4" -> 4
             if encoding == "varint":
                 stored = _count_varints(buf, p.value, p.end, where)
             else:
@@ -279,6 +283,8 @@ class _Stubber:
 
 def _decode_varints(arr: np.ndarray, offset: int) -> np.ndarray:
     """Decode a packed run of whole varints into uint64 values."""
+    import numpy as np
+
     ends = np.flatnonzero(arr < 0x80)
     if len(ends) == 0:
         return np.zeros(0, np.uint64)
@@ -314,6 +320,8 @@ def iter_raw_chunks(payload: Payload, fd: int) -> Iterator[bytes]:
             pos += len(data)
             yield data
         return
+    import numpy as np
+
     target = np.dtype(F.TYPED_FIELD_TARGETS[payload.number][payload.data_type])
     signed = payload.number != F.TENSOR_UINT64_DATA
     carry = b""
@@ -528,7 +536,7 @@ def _make_stub(tensor: onnx.TensorProto, ident: int) -> None:
     entry = tensor.external_data.add()
     entry.key = "location"
     entry.value = f"{MARKER}{ident}"
-    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.data_location = tensor.EXTERNAL
 
 
 def _unstub(tensor: onnx.TensorProto, payload: Payload) -> None:
@@ -549,6 +557,18 @@ def build_skeleton(
     Raises WireFormatError/LimitError for malformed input and
     ExternalDataError for unusable external-data references.
     """
+    data, payloads = scan_payloads(buf, size, source, threshold)
+    return analyze_skeleton(data, payloads, source, for_conversion=for_conversion)
+
+
+def scan_payloads(
+    buf: Any, size: int, source: str, threshold: int
+) -> tuple[bytes, dict[int, Payload]]:
+    """The wire phase: skeleton bytes with every payload over *threshold* stubbed.
+
+    Needs neither onnx nor numpy (for raw and fixed-width payloads), so it can
+    run, and payload copying can start, while those load.
+    """
     stubber = _Stubber(buf, source, threshold)
     hooks = Hooks(enter=stubber.enter, tensor=stubber.tensor)
     rewritten = rewrite_message(buf, 0, size, "model", (), hooks)
@@ -556,6 +576,20 @@ def build_skeleton(
         data = bytes(buf[0:size])
     else:
         data = b"".join(bytes(p) for p in rewritten.pieces)
+    return data, stubber.payloads
+
+
+def analyze_skeleton(
+    data: bytes, payloads: dict[int, Payload], source: str, *, for_conversion: bool = True
+) -> Skeleton:
+    """The model phase: parse the skeleton bytes; stub external data; keep value reads.
+
+    Raises WireFormatError if the bytes are not an ONNX model and
+    ExternalDataError for unusable external-data references.
+    """
+    import onnx
+    from google.protobuf.message import DecodeError
+
     model = onnx.ModelProto()
     try:
         model.ParseFromString(data)
@@ -563,7 +597,7 @@ def build_skeleton(
         raise WireFormatError(f"not a valid ONNX model ({e})") from e
     if not model.HasField("graph"):
         raise WireFormatError("not an ONNX model: it has no graph")
-    skeleton = Skeleton(data=data, model=model, payloads=stubber.payloads)
+    skeleton = Skeleton(data=data, model=model, payloads=payloads)
     if for_conversion:
         _restub_external(skeleton, source)
         _keep_value_reads(skeleton)
@@ -578,7 +612,7 @@ def _restub_external(skeleton: Skeleton, source: str) -> None:
         return
     base = os.path.dirname(os.path.abspath(source))
     for tensor, _, path in iter_stub_tensors(skeleton.model):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL or stub_id(tensor) is not None:
+        if tensor.data_location != F.DATA_LOCATION_EXTERNAL or stub_id(tensor) is not None:
             continue
         ident = len(skeleton.payloads) + 1
         skeleton.payloads[ident] = _external_payload(tensor, ident, base, source, path)
@@ -603,8 +637,7 @@ def resolve_path(model: onnx.ModelProto, path: str) -> tuple[onnx.TensorProto, s
     tensor = obj
     if len(parents) >= 3 and path.endswith(".t"):
         node, attr = parents[-3], parents[-2]
-        if isinstance(node, onnx.NodeProto) and node.op_type == "Constant" and node.output \
-                and attr.name == "value":
+        if getattr(node, "op_type", None) == "Constant" and node.output and attr.name == "value":
             return tensor, node.output[0]
     return tensor, tensor.name
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ __all__ = [
     "INLINE_LIMIT",
     "OutputPlan",
     "PayloadRef",
+    "SidecarWriter",
     "plan_output",
     "write_plan",
 ]
@@ -58,6 +60,8 @@ class OutputPlan:
     data_name: str | None = None
     sidecar: list[tuple[int, Payload]] = field(default_factory=list)
     sidecar_size: int = 0
+    #: where the planned sidecar entries start (after those written early)
+    sidecar_start: int = 0
     reused: int = 0
 
     @property
@@ -114,6 +118,8 @@ class _Splicer:
         checksum: bool,
         allow_duplicates: bool,
         reuse_dir: str | None,
+        preplaced: dict[int, int] | None = None,
+        start: int = 0,
     ) -> None:
         self.payloads = payloads
         self.layout = layout
@@ -125,10 +131,10 @@ class _Splicer:
         self.allow_duplicates = allow_duplicates
         self.reuse_dir = reuse_dir
         self.reused = 0
-        self.placed: dict[int, int] = {}
+        self.placed: dict[int, int] = dict(preplaced or {})
         self.seen: set[int] = set()
         self.sidecar: list[tuple[int, Payload]] = []
-        self.cursor = 0
+        self.cursor = start
 
     def enter(self, buf: Any, start: int, end: int) -> bool:
         return bool(buf.find(MARKER_BYTES, start, end) != -1)
@@ -190,9 +196,7 @@ class _Splicer:
         if self.layout == "external":
             offset = self.placed.get(payload.id, -1)
             if offset < 0:  # a payload referenced twice (inlined functions) is stored once
-                offset = self.cursor
-                if payload.nbytes >= self.align_min and self.align > 1:
-                    offset = -(-offset // self.align) * self.align
+                offset = _align(self.cursor, payload, self.align, self.align_min)
                 self.sidecar.append((offset, payload))
                 self.placed[payload.id] = offset
                 self.cursor = offset + payload.nbytes
@@ -224,6 +228,8 @@ def plan_output(
     checksum: bool = False,
     allow_duplicates: bool = False,
     reuse_dir: str | None = None,
+    preplaced: dict[int, int] | None = None,
+    start: int = 0,
 ) -> OutputPlan:
     """Plan the output of *skeleton* with every stub replaced, for *layout*.
 
@@ -232,7 +238,9 @@ def plan_output(
     Raises ConversionError if a stub is missing from the skeleton or appears
     twice (unless *allow_duplicates*).  With *reuse_dir* (the output's folder),
     payloads already in the input's external-data files below that folder are
-    referenced in place instead of copied.
+    referenced in place instead of copied.  *preplaced* maps payload ids to
+    the sidecar offsets a :class:`SidecarWriter` already gave them; further
+    payloads go after *start*.
     """
     if layout == "auto":
         plan = plan_output(
@@ -243,7 +251,7 @@ def plan_output(
         layout = "external"
     splicer = _Splicer(
         payloads, layout, data_name, align, align_min, preserve, checksum, allow_duplicates,
-        reuse_dir,
+        reuse_dir, preplaced, start,
     )
     hooks = Hooks(enter=splicer.enter, tensor=splicer.tensor)
     model = rewrite_message(skeleton, 0, len(skeleton), "model", (), hooks)
@@ -257,10 +265,11 @@ def plan_output(
             f"{len(missing)} tensor(s) lost in conversion, first '{lost.name}' ({lost.path})"
         )
     plan = OutputPlan(layout=layout, model=model, reused=splicer.reused)
-    if layout == "external" and splicer.sidecar:
+    if layout == "external" and (splicer.sidecar or preplaced):
         plan.data_name = data_name
         plan.sidecar = splicer.sidecar
         plan.sidecar_size = splicer.cursor
+        plan.sidecar_start = start
     return plan
 
 
@@ -358,28 +367,114 @@ def _write_payload(
         progress(len(chunk))
 
 
+def _align(offset: int, payload: Payload, align: int, align_min: int) -> int:
+    if payload.nbytes >= align_min and align > 1:
+        return -(-offset // align) * align
+    return offset
+
+
+class SidecarWriter(threading.Thread):
+    """Copies payloads into the data file in the background, in id order.
+
+    Offsets are assigned up front (``offsets``, ``end``), so the skeleton can
+    be converted and planned while the bytes move; the copy runs in the
+    kernel and releases the GIL.  ``finish()`` waits and re-raises any error.
+    """
+
+    def __init__(
+        self,
+        payloads: list[Payload],
+        fd: int,
+        *,
+        align: int,
+        align_min: int,
+        checksum: bool,
+        progress: Progress | None,
+    ) -> None:
+        super().__init__(name="streamconv-sidecar", daemon=True)
+        self.payloads = sorted(payloads, key=lambda p: p.id)
+        self.fd = fd
+        self.checksum = checksum
+        self.progress = progress or (lambda n: None)
+        self.offsets: dict[int, int] = {}
+        self.digests: dict[int, str] = {}
+        cursor = 0
+        for payload in self.payloads:
+            cursor = _align(cursor, payload, align, align_min)
+            self.offsets[payload.id] = cursor
+            cursor += payload.nbytes
+        self.end = cursor
+        self.error: BaseException | None = None
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        sources = _Sources()
+        copier = _Copier()
+        cursor = 0
+        try:
+            for payload in self.payloads:
+                if self._stop_event.is_set():
+                    return
+                cursor = _pad(self.fd, cursor, self.offsets[payload.id])
+                digest = hashlib.sha1(usedforsecurity=False) if self.checksum else None
+                _write_payload(payload, "raw", self.fd, sources, copier, self.progress, digest)
+                if digest is not None:
+                    self.digests[payload.id] = digest.hexdigest()
+                cursor += payload.nbytes
+        except BaseException as e:  # handed to the main thread by finish()
+            self.error = e
+        finally:
+            sources.close()
+
+    def stop(self) -> None:
+        """Ask the copy to stop after the current chunk; wait for it."""
+        self._stop_event.set()
+        if self.is_alive():
+            self.join()
+
+    def finish(self) -> None:
+        """Wait for every payload to be written; raise what went wrong."""
+        self.join()
+        if isinstance(self.error, OSError):
+            raise OutputError(f"writing the output failed: {self.error.strerror or self.error}") \
+                from self.error
+        if self.error is not None:
+            raise self.error
+
+
+def _pad(fd: int, cursor: int, offset: int) -> int:
+    while cursor < offset:
+        gap = min(len(ZEROS), offset - cursor)
+        _write_all(fd, ZEROS[:gap])
+        cursor += gap
+    return cursor
+
+
 def write_plan(
-    plan: OutputPlan, model_fd: int, data_fd: int | None, progress: Progress | None = None
+    plan: OutputPlan,
+    model_fd: int,
+    data_fd: int | None,
+    progress: Progress | None = None,
+    digests: dict[int, str] | None = None,
 ) -> None:
     """Write the planned model to *model_fd* and its sidecar to *data_fd*.
 
-    Raises OutputError when writing fails (no space, I/O error) and
-    ExternalDataError when a payload source is shorter than recorded.
+    *data_fd* is positioned at ``plan.sidecar_start``; *digests* holds the
+    checksums of payloads a SidecarWriter already wrote.  Raises OutputError
+    when writing fails (no space, I/O error) and ExternalDataError when a
+    payload source is shorter than recorded.
     """
     report = progress or (lambda n: None)
     sources = _Sources()
     copier = _Copier()
     wants_digest = any(isinstance(piece, ChecksumSlot) for piece in plan.model.pieces)
-    digests: dict[int, str] = {}
+    digests = dict(digests or {})
     try:
         if plan.sidecar:
             assert data_fd is not None
-            cursor = 0
+            cursor = plan.sidecar_start
             for offset, payload in plan.sidecar:
-                while cursor < offset:
-                    gap = min(len(ZEROS), offset - cursor)
-                    _write_all(data_fd, ZEROS[:gap])
-                    cursor += gap
+                cursor = _pad(data_fd, cursor, offset)
                 digest = hashlib.sha1(usedforsecurity=False) if wants_digest else None
                 _write_payload(payload, "raw", data_fd, sources, copier, report, digest)
                 if digest is not None:

@@ -15,7 +15,7 @@ from onnx import numpy_helper
 
 from streamconv import convert
 from streamconv.cli import main as cli_main
-from streamconv.convert import max_opset
+from streamconv.converter import max_opset
 from streamconv.errors import ConversionError, StreamconvError, UsageError, WireFormatError
 from tests.conftest import leftovers
 from tests.models import if_loop_model, rand, reduce_chain, save, typed_model
