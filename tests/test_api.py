@@ -280,3 +280,43 @@ def test_cli_usage_error_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[st
     code = cli_main([src, str(tmp_path / "o.onnx"), "--size-threshold", "-3"])
     err = capsys.readouterr().err
     assert code == 2 and "--size-threshold must be >= 0, got -3" in err
+
+
+def test_external_layout_with_value_read_tensor_copied_early(tmp_path: Path) -> None:
+    """A large integer input (kept inline for the converter) may already be in the
+    sidecar when analysis keeps it inline; the output stays correct."""
+    from onnx import helper
+
+    idx = numpy_helper.from_array((np.arange(100_000, dtype=np.int64) * 7) % 512, "idx")
+    table = numpy_helper.from_array(rand((512, 64)), "table")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "idx"], ["Y"])], "g", [],
+        [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, None)],
+        initializer=[table, idx],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    src = save(model, tmp_path / "in.onnx")
+    dst = tmp_path / "out.onnx"
+    report = convert(src, dst, opset=18, layout="external")
+    assert report.tensors_diverted == 1  # the table; idx stays inline
+    out = onnx.load(str(dst), load_external_data=False)
+    by_name = {t.name: t for t in out.graph.initializer}
+    assert by_name["idx"].HasField("raw_data")
+    assert by_name["table"].data_location == onnx.TensorProto.EXTERNAL
+    np.testing.assert_array_equal(run(dst, {})[0], run(src, {})[0])
+
+
+def test_checksums_match_sidecar_bytes(tmp_path: Path) -> None:
+    src = save(reduce_chain(n=600), tmp_path / "in.onnx")
+    dst = tmp_path / "out.onnx"
+    convert(src, dst, opset=18, layout="external", checksum=True)
+    model = onnx.load(str(dst), load_external_data=False)
+    data = (tmp_path / "out.onnx.data").read_bytes()
+    checked = 0
+    for tensor in model.graph.initializer:
+        keys = {e.key: e.value for e in tensor.external_data}
+        if keys:
+            start, length = int(keys["offset"]), int(keys["length"])
+            assert keys["checksum"] == hashlib.sha1(data[start:start + length]).hexdigest()
+            checked += 1
+    assert checked == 1
