@@ -31,7 +31,7 @@ test: $(STAMP)
 
 # Every (backend node test case, target) pair: about 7,500 conversions.
 corpus: $(STAMP)
-	$(PY) -m fixtures.corpus --all
+	$(PY) -m fixtures.corpus --all --jobs 2 --variants plain,folded
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
