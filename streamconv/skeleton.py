@@ -305,26 +305,9 @@ def _decode_varints(arr: np.ndarray, offset: int) -> np.ndarray:
     return values
 
 
-def iter_raw_chunks(payload: Payload, fd: int) -> Iterator[bytes]:
-    """Yield the payload as little-endian raw_data bytes, in bounded chunks."""
+def _iter_stored(payload: Payload, fd: int) -> Iterator[tuple[int, bytes]]:
+    """The payload's bytes as stored, in bounded chunks, with their offsets."""
     end = payload.offset + payload.length
-    if payload.encoding != "varint":
-        pos = payload.offset
-        while pos < end:
-            data = os.pread(fd, min(CHUNK, end - pos), pos)
-            if not data:
-                raise ExternalDataError(
-                    f"file ended at byte {pos}, before the payload's end at {end}",
-                    file=payload.source, path=payload.path,
-                )
-            pos += len(data)
-            yield data
-        return
-    import numpy as np
-
-    target = np.dtype(F.TYPED_FIELD_TARGETS[payload.number][payload.data_type])
-    signed = payload.number != F.TENSOR_UINT64_DATA
-    carry = b""
     pos = payload.offset
     while pos < end:
         data = os.pread(fd, min(CHUNK, end - pos), pos)
@@ -333,12 +316,28 @@ def iter_raw_chunks(payload: Payload, fd: int) -> Iterator[bytes]:
                 f"file ended at byte {pos}, before the payload's end at {end}",
                 file=payload.source, path=payload.path,
             )
-        chunk_start = pos - len(carry)
+        yield pos, data
         pos += len(data)
+
+
+def iter_raw_chunks(payload: Payload, fd: int) -> Iterator[bytes]:
+    """Yield the payload as little-endian raw_data bytes, in bounded chunks."""
+    if payload.encoding != "varint":
+        for _, data in _iter_stored(payload, fd):
+            yield data
+        return
+    import numpy as np
+
+    end = payload.offset + payload.length
+    target = np.dtype(F.TYPED_FIELD_TARGETS[payload.number][payload.data_type])
+    signed = payload.number != F.TENSOR_UINT64_DATA
+    carry = b""
+    for pos, data in _iter_stored(payload, fd):
+        chunk_start = pos - len(carry)
         block = np.frombuffer(carry + data, dtype=np.uint8)
         ends = np.flatnonzero(block < 0x80)
         cut = int(ends[-1]) + 1 if len(ends) else 0
-        if pos >= end and cut != len(block):
+        if pos + len(data) >= end and cut != len(block):
             raise WireFormatError("packed varints end inside a varint", offset=chunk_start)
         values = _decode_varints(block[:cut], chunk_start)
         carry = block[cut:].tobytes()

@@ -323,20 +323,18 @@ class _Copier:
             progress(n)
 
     def _copy_some(self, src: int, dst: int, pos: int, want: int) -> int:
-        if self.method == "copy_file_range":
-            try:
-                return os.copy_file_range(src, dst, want, pos)
-            except OSError as e:
-                if e.errno not in _FALLBACK_ERRNOS:
-                    raise
-                self.method = "sendfile"
-        if self.method == "sendfile":
-            try:
-                return os.sendfile(dst, src, pos, want)
-            except OSError as e:
-                if e.errno not in _FALLBACK_ERRNOS:
-                    raise
-                self.method = "buffer"
+        # Each method falls through to the next where the kernel or file system refuses it.
+        for method, call, fallback in (
+            ("copy_file_range", lambda: os.copy_file_range(src, dst, want, pos), "sendfile"),
+            ("sendfile", lambda: os.sendfile(dst, src, pos, want), "buffer"),
+        ):
+            if self.method == method:
+                try:
+                    return call()
+                except OSError as e:
+                    if e.errno not in _FALLBACK_ERRNOS:
+                        raise
+                    self.method = fallback
         data = os.pread(src, min(want, 1 << 20), pos)
         _write_all(dst, data)
         return len(data)
