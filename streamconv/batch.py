@@ -7,10 +7,10 @@ external-data files it references) when it already is at the target opset.
 Each model is converted in a worker process of a small pool of our own: a
 worker that crashes (a C++ abort, a segfault) or runs past the time limit is
 killed and replaced, the model is reported as failed and the batch goes on.
-Workers write into a private staging folder beside the output
-(``.streamconv-batch-<pid>-<n>``) and publish by rename, so an interrupted or
-killed worker never leaves a half-written output; the staging folder of a
-killed worker is removed by the parent.
+Each worker writes into its own staging folder at the top of DST
+(``.streamconv-batch-<pid>-w<n>``) and publishes finished files by rename, so
+an interrupted or killed worker never leaves a half-written output; the parent
+removes the staging folder of a worker it killed or that died.
 
 Test hooks, honoured only inside worker processes: when the environment
 variable ``STREAMCONV_BATCH_TEST_CRASH`` (``STREAMCONV_BATCH_TEST_HANG``) holds
@@ -27,11 +27,12 @@ import csv
 import fnmatch
 import json
 import logging
-import multiprocessing
 import os
 import re
 import shutil
 import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -44,24 +45,28 @@ from typing import Any
 import onnx
 
 from .api import DEFAULT_ALIGN, DEFAULT_THRESHOLD, LAYOUTS, convert
-from .convert import DEFAULT_DOMAINS, max_opset, validate_target
-from .errors import StreamconvError, UsageError
+from .converter import DEFAULT_DOMAINS, max_opset, validate_target
+from .errors import OutputError, StreamconvError, UsageError
 from .scan import map_file
 from .skeleton import build_skeleton, iter_stub_tensors, stub_id
 from .splice import INLINE_LIMIT
 
 __all__ = [
+    "REPORT_FIELDS",
     "STATUSES",
     "TEST_CRASH_ENV",
     "TEST_HANG_ENV",
+    "VERIFY_TOLERANCE",
     "BatchOptions",
     "BatchProgress",
     "BatchResult",
     "ModelResult",
     "Parity",
     "convert_tree",
+    "dry_run",
     "find_files",
     "run_batch",
+    "summary_lines",
     "verify_parity",
     "write_report",
 ]
@@ -79,10 +84,13 @@ TEST_CRASH_ENV = "STREAMCONV_BATCH_TEST_CRASH"
 TEST_HANG_ENV = "STREAMCONV_BATCH_TEST_HANG"
 _HANG_SECONDS = 3600.0
 
-STAGING_PREFIX = ".streamconv-batch-"
-_STAGING_RE = re.compile(r"^\.streamconv-batch-(\d+)-o?\d+$")
+_STAGING_PREFIX = ".streamconv-batch-"
+_STAGING_RE = re.compile(r"^\.streamconv-batch-(\d+)-[wp]\d*$")
 #: How often a worker reports progress on one model, at most.
 _PROGRESS_INTERVAL = 0.1
+#: A model file smaller than this is expected to convert quickly, so the next job is
+#: sent to its worker ahead of time.
+_PREFETCH_BELOW = 1 << 20
 #: Workers that die before taking a job, in a row, before the batch gives up.
 _MAX_START_FAILURES = 3
 _JOIN_SECONDS = 5.0
@@ -265,7 +273,8 @@ def find_files(
     followed.
     """
     real_dst = os.path.realpath(dst_dir)
-    models, others = [], []
+    models: list[str] = []
+    others: list[str] = []
     for root, dirs, files in os.walk(src_dir):
         dirs[:] = sorted(
             d for d in dirs
@@ -314,7 +323,10 @@ class _Probe:
     """What a quick look at a model file tells: its ai.onnx opset and its data files."""
 
     opset: int | None
+    #: usable external-data locations, normalized, each once
     data_files: list[str]
+    #: tensors stored as external data, usable location or not
+    external_tensors: int
     model: onnx.ModelProto
 
 
@@ -337,13 +349,15 @@ def _probe(path: str, threshold: int) -> _Probe:
     model = skeleton.model
     versions = [o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS]
     data_files: list[str] = []
+    external = 0
     for tensor, _, _ in iter_stub_tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL or stub_id(tensor) is not None:
             continue
+        external += 1
         location = _data_location(tensor)
         if location is not None and location not in data_files:
             data_files.append(location)
-    return _Probe(max(versions) if versions else None, data_files, model)
+    return _Probe(max(versions) if versions else None, data_files, external, model)
 
 
 def _up_to_date(src: str, dst: str, threshold: int) -> list[str] | None:
@@ -364,28 +378,38 @@ def _up_to_date(src: str, dst: str, threshold: int) -> list[str] | None:
     return None
 
 
-def _sweep_stale_staging(folders: Sequence[str]) -> None:
-    """Remove staging folders left by batches whose process is gone (killed outright)."""
-    if os.name != "posix":
+def _sweep_stale_staging(dst_dir: str) -> None:
+    """Remove staging folders left in *dst_dir* by batches whose process is gone."""
+    if os.name != "posix":  # os.kill(pid, 0) is no liveness test elsewhere
         return
-    for folder in folders:
-        try:
-            names = os.listdir(folder)
-        except OSError:
+    try:
+        names = os.listdir(dst_dir)
+    except OSError:
+        return
+    for name in names:
+        match = _STAGING_RE.match(name)
+        if match is None or int(match.group(1)) == os.getpid():
             continue
-        for name in names:
-            match = _STAGING_RE.match(name)
-            if match is None or int(match.group(1)) == os.getpid():
-                continue
-            try:
-                os.kill(int(match.group(1)), 0)
-                continue  # that batch still runs
-            except ProcessLookupError:
-                pass
-            except PermissionError:
-                continue
-            log.info("removing %s, left by an earlier batch", os.path.join(folder, name))
-            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+        try:
+            os.kill(int(match.group(1)), 0)
+            continue  # that batch still runs
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        log.info("removing %s, left by an earlier batch", os.path.join(dst_dir, name))
+        shutil.rmtree(os.path.join(dst_dir, name), ignore_errors=True)
+
+
+def _empty(folder: str) -> None:
+    """Remove everything inside *folder*, keeping (or re-creating) the folder."""
+    os.makedirs(folder, exist_ok=True)
+    for entry in os.scandir(folder):
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
 
 
 # -- the worker side -------------------------------------------------------------------------
@@ -397,7 +421,6 @@ class _Job:
     rel: str
     src: str
     dst: str
-    staging: str
     size: int
 
 
@@ -415,6 +438,10 @@ class _TestHook:
     def fire(self) -> None:
         action, self.action = self.action, None
         if action == "crash":
+            with contextlib.suppress(ImportError, ValueError, OSError):
+                import resource
+
+                resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a test leaves no core file
             os.abort()
         elif action == "hang":
             time.sleep(_HANG_SECONDS)
@@ -429,14 +456,14 @@ def _publish(staging: str, final_dir: str, names: Sequence[str]) -> None:
         os.replace(os.path.join(staging, *parts), target)
 
 
-def _copy_through(job: _Job, probe: _Probe, options: BatchOptions, hook: _TestHook,
-                  progress: Callable[[int], None]) -> tuple[int, list[str]]:
+def _copy_through(job: _Job, probe: _Probe, options: BatchOptions, staging: str,
+                  hook: _TestHook, progress: Callable[[int], None]) -> tuple[int, list[str]]:
     """Copy the model and its external-data files unchanged; return (bytes, data files).
 
     Raises ExternalDataError, exactly as convert() would, for references that
     are missing, short or outside the model's folder.
     """
-    if probe.data_files:
+    if probe.external_tensors:
         # The same checks convert() makes, so a bad reference fails the same way.
         fd = os.open(job.src, os.O_RDONLY)
         buf: Any = None
@@ -450,30 +477,33 @@ def _copy_through(job: _Job, probe: _Probe, options: BatchOptions, hook: _TestHo
             os.close(fd)
     src_dir = os.path.dirname(job.src)
     name = os.path.basename(job.dst)
+    sources = {rel: os.path.join(src_dir, *rel.split("/")) for rel in probe.data_files}
+    sources[name] = job.src
+    total = sum(os.path.getsize(p) for p in sources.values()) or 1
     copied = 0
-    for rel in [*probe.data_files, name]:
-        parts = rel.split("/")
-        source = job.src if rel == name else os.path.join(src_dir, *parts)
-        target = os.path.join(job.staging, *parts)
+    for rel, source in sources.items():
+        target = os.path.join(staging, *rel.split("/"))
         os.makedirs(os.path.dirname(target), exist_ok=True)
         shutil.copyfile(source, target)
         copied += os.path.getsize(target)
-        progress(copied)
+        progress(job.size * copied // total)  # the bar counts model-file bytes
         hook.fire()
-    _publish(job.staging, os.path.dirname(job.dst), [*probe.data_files, name])
+    _publish(staging, os.path.dirname(job.dst), [*probe.data_files, name])
     return copied, probe.data_files
 
 
-def _run_job(job: _Job, options: BatchOptions, send_progress: Callable[[int], None]) -> ModelResult:
-    """Convert or copy one model into place; never raises for a model that fails."""
+def _run_job(job: _Job, options: BatchOptions, staging: str,
+             send_progress: Callable[[int], None]) -> ModelResult:
+    """Convert or copy one model into place through *staging*; never raises for a model.
+
+    *staging* is an empty folder on DST's file system; it is left empty.
+    """
     started = time.perf_counter()
     result = ModelResult(source=job.rel, destination=job.rel, status=FAILED, action="convert",
                          opset_to=options.opset, bytes_in=job.size)
     hook = _TestHook(job.rel)
     try:
-        os.makedirs(os.path.dirname(job.dst), exist_ok=True)
-        shutil.rmtree(job.staging, ignore_errors=True)
-        os.mkdir(job.staging)
+        _empty(staging)
         try:
             probe: _Probe | None = _probe(job.src, options.size_threshold)
         except (StreamconvError, OSError):
@@ -487,20 +517,21 @@ def _run_job(job: _Job, options: BatchOptions, send_progress: Callable[[int], No
         if probe is not None and probe.opset == options.opset and not options.force_convert:
             result.action = "copy"
             result.bytes_out, result.data_files = _copy_through(
-                job, probe, options, hook, send_progress
+                job, probe, options, staging, hook, send_progress
             )
             result.tensors_diverted = 0
             result.status = AT_TARGET
             if options.verify:
                 result.verify = "not run: copied unchanged"
         else:
-            _convert_one(job, probe, options, hook, send_progress, result)
+            _convert_one(job, probe, options, staging, hook, send_progress, result)
     except Exception as e:  # one model's failure, whatever it is, must not stop the batch
         result.status = FAILED
         result.error = _one_line(e)
         log.debug("%s failed", job.rel, exc_info=True)
     finally:
-        shutil.rmtree(job.staging, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            _empty(staging)
         result.seconds = round(time.perf_counter() - started, 4)
     return result
 
@@ -512,9 +543,10 @@ def _size_or_zero(path: str) -> int:
         return 0
 
 
-def _convert_one(job: _Job, probe: _Probe | None, options: BatchOptions, hook: _TestHook,
-                 send_progress: Callable[[int], None], result: ModelResult) -> None:
-    """Convert *job* into its staging folder, verify it if asked, then publish it."""
+def _convert_one(job: _Job, probe: _Probe | None, options: BatchOptions, staging: str,
+                 hook: _TestHook, send_progress: Callable[[int], None],
+                 result: ModelResult) -> None:
+    """Convert *job* into *staging*, verify it if asked, then publish it."""
     layout = options.layout
     if layout == "auto" and probe is not None and probe.data_files:
         layout = "external"  # a model that kept its weights apart keeps them apart
@@ -524,14 +556,14 @@ def _convert_one(job: _Job, probe: _Probe | None, options: BatchOptions, hook: _
         hook.fire()
 
     name = os.path.basename(job.dst)
-    staged = os.path.join(job.staging, name)
+    staged = os.path.join(staging, name)
     report = convert(
         job.src, staged, opset=options.opset, layout=layout,
         size_threshold=options.size_threshold, align=options.align, check=options.check,
         progress=progress,
     )
     hook.fire()
-    data_files = [os.path.relpath(report.data_file, job.staging).replace(os.sep, "/")] \
+    data_files = [os.path.relpath(report.data_file, staging).replace(os.sep, "/")] \
         if report.data_file else []
     result.opset_from = report.opset_from
     result.tensors_diverted = report.tensors_diverted
@@ -539,27 +571,35 @@ def _convert_one(job: _Job, probe: _Probe | None, options: BatchOptions, hook: _
     result.data_files = data_files
     if options.verify:
         parity = verify_parity(job.src, staged)
-        result.verify = parity.detail
+        result.verify = parity.detail.replace(staged, job.dst)  # name the model, not the stage
         if parity.ok is False:
-            raise StreamconvError(f"--verify: {parity.detail}")
-    _publish(job.staging, os.path.dirname(job.dst), [*data_files, name])
+            raise StreamconvError(f"--verify: {result.verify}")
+    _publish(staging, os.path.dirname(job.dst), [*data_files, name])
     result.status = AT_TARGET if report.opset_from == options.opset else CONVERTED
 
 
-def _worker_main(conn: Connection, options: BatchOptions, log_path: str) -> None:
-    """Body of a worker process: take jobs from *conn* until it says None or closes."""
-    # Ctrl-C reaches the whole process group; the parent decides what happens to us.
+#: What a worker runs: ``python -c _WORKER_BOOT <socket fd> <staging folder> <sys.path>``.
+#: It takes the parent's import path, so it imports this very copy of streamconv.
+_WORKER_BOOT = (
+    "import json, sys; sys.path[:] = json.loads(sys.argv[3]); "
+    "from streamconv.batch import _worker_main; _worker_main(int(sys.argv[1]), sys.argv[2])"
+)
+
+
+def _worker_main(fd: int, staging: str) -> None:
+    """Body of a worker process: options, then jobs, from the socket *fd* until None or EOF.
+
+    The parent started us with stdout on /dev/null and stderr on a log file it
+    reads when we die, in a session of our own so that a Ctrl-C at the terminal
+    reaches only the parent, which decides what happens to us.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # Native code (onnx, ONNX Runtime) writes to fds 1 and 2; keep that off the terminal
-    # and keep stderr, so the parent can quote it when a worker dies.
-    with contextlib.suppress(OSError):
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 1)
-        os.close(devnull)
-        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        os.dup2(log_fd, 2)
-        os.close(log_fd)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    conn = Connection(fd)
+    try:
+        options = conn.recv()
+    except (EOFError, OSError):
+        return
     conn.send(("ready",))
     while True:
         try:
@@ -569,8 +609,8 @@ def _worker_main(conn: Connection, options: BatchOptions, log_path: str) -> None
         if job is None:
             return
         with contextlib.suppress(OSError):
-            os.ftruncate(2, 0)
-        last = 0.0
+            os.ftruncate(2, 0)  # the log holds what this job wrote, nothing older
+        last = time.monotonic()  # a model done within the interval sends no progress at all
 
         def send_progress(done: int, index: int = job.index) -> None:
             nonlocal last
@@ -579,7 +619,7 @@ def _worker_main(conn: Connection, options: BatchOptions, log_path: str) -> None
                 last = now
                 conn.send(("progress", index, done))
 
-        conn.send(("done", job.index, _run_job(job, options, send_progress)))
+        conn.send(("done", job.index, _run_job(job, options, staging, send_progress)))
 
 
 # -- --verify --------------------------------------------------------------------------------
@@ -671,10 +711,9 @@ def _feeds(original: str, seed: int) -> tuple[list[dict[str, Any]], str]:
     )
     feeds: list[dict[str, Any]] = []
     for name in sets:
-        files = sorted(
-            (f for f in os.listdir(os.path.join(folder, name)) if re.fullmatch(r"input_\d+\.pb", f)),
-            key=lambda f: int(f[6:-3]),
-        )
+        listing = os.listdir(os.path.join(folder, name))
+        files = sorted((f for f in listing if re.fullmatch(r"input_\d+\.pb", f)),
+                       key=lambda f: int(f[6:-3]))
         feed: dict[str, Any] = {}
         for i, f in enumerate(files):
             # Data sets name their tensors after the inputs; fall back to position.
@@ -776,18 +815,45 @@ def verify_parity(original: str, converted: str, *, seed: int = 0) -> Parity:
 class _Slot:
     """One worker process and the job it is on."""
 
-    def __init__(self, ctx: Any, options: BatchOptions, log_path: str) -> None:
-        self.conn, child = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(target=_worker_main, args=(child, options, log_path),
-                                daemon=True, name="streamconv-batch-worker")
-        self.proc.start()
-        child.close()
+    def __init__(self, options: BatchOptions, staging: str, log_path: str) -> None:
+        try:
+            os.mkdir(staging)
+        except OSError as e:
+            raise OutputError(f"cannot write in {os.path.dirname(staging)}: {e.strerror}") from e
+        self.staging = staging
         self.log_path = log_path
+        ours, theirs = socket.socketpair()
+        try:
+            with open(log_path, "ab") as log:
+                # A plain subprocess rather than multiprocessing: it imports only streamconv,
+                # never the caller's __main__, and works whatever that main module is.
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-c", _WORKER_BOOT, str(theirs.fileno()), staging,
+                     json.dumps(sys.path)],
+                    pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
+                )
+        except OSError as e:
+            ours.close()
+            shutil.rmtree(staging, ignore_errors=True)
+            raise StreamconvError(f"cannot start a worker process: {e.strerror}") from e
+        finally:
+            theirs.close()  # so that our end reads EOF when the worker dies
+        self.conn = Connection(ours.detach())
+        self.conn.send(options)
         self.ready = False
         self.dead = False
-        self.job: _Job | None = None
+        #: jobs sent and not yet done: the first is running, the others wait in the socket
+        self.jobs: deque[_Job] = deque()
+        #: when the running job started (as far as the parent can tell)
         self.started = 0.0
+        #: model-file bytes of the running job done so far
         self.partial = 0
+
+    @property
+    def job(self) -> _Job | None:
+        """The job the worker is on, if any."""
+        return self.jobs[0] if self.jobs else None
 
     def give(self, job: _Job) -> bool:
         try:
@@ -795,8 +861,15 @@ class _Slot:
         except OSError:
             self.dead = True
             return False
-        self.job, self.started, self.partial = job, time.monotonic(), 0
+        if not self.jobs:
+            self.started, self.partial = time.monotonic(), 0
+        self.jobs.append(job)
         return True
+
+    def finish(self) -> None:
+        """The running job is done; the next one sent, if any, runs from now."""
+        self.jobs.popleft()
+        self.started, self.partial = time.monotonic(), 0
 
     def messages(self) -> Iterator[tuple[Any, ...]]:
         try:
@@ -806,18 +879,24 @@ class _Slot:
             self.dead = True
 
     def gone(self) -> bool:
-        return self.dead or self.proc.exitcode is not None
+        return self.dead or self.proc.poll() is not None
+
+    def join(self, seconds: float) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(seconds)
 
     def kill(self) -> None:
-        if self.proc.is_alive():
+        """End the process and remove its staging folder, whatever it held."""
+        if self.proc.poll() is None:
             self.proc.kill()
-        self.proc.join(_JOIN_SECONDS)
+        self.join(_JOIN_SECONDS)
         self.conn.close()
+        shutil.rmtree(self.staging, ignore_errors=True)
 
     def death(self) -> str:
         """Why the process ended, with the last line it wrote to stderr if any."""
-        self.proc.join(_JOIN_SECONDS)
-        code = self.proc.exitcode
+        self.join(_JOIN_SECONDS)
+        code = self.proc.returncode
         if code is not None and code < 0:
             try:
                 how = f"killed by {signal.Signals(-code).name}"
@@ -852,34 +931,40 @@ def _signals_held() -> Iterator[None]:
 class _Pool:
     """Worker processes that survive crashes and time-outs of the models they convert."""
 
-    def __init__(self, options: BatchOptions, workdir: str,
-                 on_result: Callable[[ModelResult], None],
+    def __init__(self, options: BatchOptions, dst_dir: str, workdir: str,
+                 on_result: Callable[[ModelResult, int], None],
                  on_progress: Callable[[int], None]) -> None:
         self.options = options
+        self.dst_dir = dst_dir
         self.workdir = workdir
         self.on_result = on_result
         self.on_progress = on_progress
-        self.ctx = multiprocessing.get_context("spawn")
         self.started = 0
         self.start_failures = 0
         self.slots: list[_Slot] = []
 
     def _start(self) -> _Slot:
         self.started += 1
-        return _Slot(self.ctx, self.options, os.path.join(self.workdir, f"worker-{self.started}.log"))
+        log_path = os.path.join(self.workdir, f"worker-{self.started}.log")
+        staging = os.path.join(self.dst_dir, f"{_STAGING_PREFIX}{os.getpid()}-w{self.started}")
+        return _Slot(self.options, staging, log_path)
 
-    def _lost(self, slot: _Slot, reason: str) -> None:
-        """Report the job of a dead or killed worker as failed and remove its staging folder."""
+    def _lost(self, slot: _Slot, reason: str, pending: deque[_Job]) -> None:
+        """Report the running job of a dead or killed worker as failed.
+
+        Jobs sent to it that had not started go back to the front of *pending*.
+        """
         job = slot.job
         if job is None:
             return
-        slot.job = None
-        shutil.rmtree(job.staging, ignore_errors=True)
+        slot.jobs.popleft()
+        pending.extendleft(reversed(slot.jobs))
+        slot.jobs.clear()
         self.on_result(ModelResult(
             source=job.rel, destination=job.rel, status=FAILED, action="convert",
             opset_to=self.options.opset, bytes_in=job.size,
             seconds=round(time.monotonic() - slot.started, 4), error=reason,
-        ))
+        ), self._partial_bytes())
 
     def run(self, jobs: Sequence[_Job]) -> None:
         """Run every job; results arrive through on_result.  Cleans up on any exit."""
@@ -890,7 +975,7 @@ class _Pool:
         try:
             while pending or any(s.job is not None for s in self.slots):
                 self._wait()
-                for i, slot in enumerate(self.slots):
+                for slot in list(self.slots):
                     for message in slot.messages():
                         self._handle(slot, message)
                     if slot.gone():
@@ -900,18 +985,19 @@ class _Pool:
                                 raise StreamconvError(
                                     f"worker processes die on start-up ({slot.death()})"
                                 )
-                        self._lost(slot, f"the converter process died ({slot.death()})")
                         slot.kill()
-                        self.slots[i] = self._start()
+                        self._lost(slot, f"the converter process died ({slot.death()})", pending)
+                        self._replace(slot, pending)
                     elif slot.job is not None and self._overdue(slot):
                         slot.kill()
-                        self._lost(slot, f"timed out after {self.options.timeout:g} s")
-                        self.slots[i] = self._start()
+                        self._lost(slot, f"timed out after {self.options.timeout:g} s", pending)
+                        self._replace(slot, pending)
                 for slot in self.slots:
-                    if slot.ready and slot.job is None and pending:
+                    while slot.ready and pending and len(slot.jobs) < self._depth(slot):
                         job = pending.popleft()
                         if not slot.give(job):
                             pending.appendleft(job)
+                            break
                 if not pending:  # nothing left to hand out: let idle workers go
                     for slot in [s for s in self.slots if s.job is None]:
                         self.slots.remove(slot)
@@ -921,6 +1007,22 @@ class _Pool:
         finally:
             with _signals_held():
                 self._shutdown(self.slots + retired)
+
+    @staticmethod
+    def _depth(slot: _Slot) -> int:
+        """How many jobs a worker may hold: one more behind a small running job.
+
+        The extra job waits in the worker's socket, so the worker goes on without
+        waiting for us; behind a large model it would wait, so none is queued there.
+        """
+        running = slot.job
+        return 2 if running is not None and running.size < _PREFETCH_BELOW else 1
+
+    def _replace(self, slot: _Slot, pending: Sequence[_Job]) -> None:
+        """Swap a dead worker for a fresh one, if there is still work for it."""
+        self.slots.remove(slot)
+        if pending:
+            self.slots.append(self._start())
 
     def _overdue(self, slot: _Slot) -> bool:
         timeout = self.options.timeout
@@ -932,9 +1034,10 @@ class _Pool:
             ends = [s.started + self.options.timeout for s in self.slots if s.job is not None]
             if ends:
                 timeout = max(0.0, min(ends) - time.monotonic()) + 0.01
-        handles: list[Any] = [s.conn for s in self.slots if not s.dead]
-        handles += [s.proc.sentinel for s in self.slots]
-        wait(handles, timeout)
+        # A worker's socket turns readable on each message and at EOF when it dies.
+        handles = [s.conn for s in self.slots if not s.dead]
+        if handles:
+            wait(handles, timeout)
 
     def _handle(self, slot: _Slot, message: tuple[Any, ...]) -> None:
         kind = message[0]
@@ -945,8 +1048,8 @@ class _Pool:
             slot.partial = int(message[2])
             self.on_progress(self._partial_bytes())
         elif kind == "done" and slot.job is not None and message[1] == slot.job.index:
-            slot.job, slot.partial = None, 0
-            self.on_result(message[2])
+            slot.finish()
+            self.on_result(message[2], self._partial_bytes())
 
     def _partial_bytes(self) -> int:
         return sum(s.partial for s in self.slots if s.job is not None)
@@ -955,13 +1058,428 @@ class _Pool:
         for slot in slots:
             if slot.job is not None or not slot.ready:
                 slot.kill()  # interrupted mid-job: the parent, not the worker, cleans up
-                if slot.job is not None:
-                    shutil.rmtree(slot.job.staging, ignore_errors=True)
             else:
                 with contextlib.suppress(OSError):
                     slot.conn.send(None)
         for slot in slots:
-            slot.proc.join(_JOIN_SECONDS)
-            if slot.proc.is_alive():
-                slot.kill()
-            slot.conn.close()
+            slot.join(_JOIN_SECONDS)
+            slot.kill()
+
+
+# -- the batch -------------------------------------------------------------------------------
+
+
+def _copy_others(src_dir: str, dst_dir: str, others: Sequence[str], produced: set[str],
+                 force: bool, result: BatchResult) -> None:
+    """Copy the files that are neither models nor their data, atomically, if out of date."""
+    tmp = os.path.join(dst_dir, f"{_STAGING_PREFIX}{os.getpid()}-p")
+    for rel in others:
+        if rel in produced:
+            log.warning("not copying %s: a converted model's output has that name", rel)
+            continue
+        src = os.path.join(src_dir, *rel.split("/"))
+        dst = os.path.join(dst_dir, *rel.split("/"))
+        try:
+            if not force and os.path.exists(dst) and \
+                    os.stat(dst).st_mtime_ns >= os.stat(src).st_mtime_ns:
+                result.others_up_to_date.append(rel)
+                continue
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            try:
+                shutil.copyfile(src, tmp)
+                os.replace(tmp, dst)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+            result.others_copied.append(rel)
+        except OSError as e:
+            result.others_failed.append((rel, _one_line(e)))
+
+
+def _referenced_data(src_dir: str, models: Sequence[str], threshold: int) -> set[str]:
+    """Every file below *src_dir* that a model references as external data."""
+    referenced: set[str] = set()
+    for rel in models:
+        folder = os.path.dirname(rel)
+        try:
+            probe = _probe(os.path.join(src_dir, *rel.split("/")), threshold)
+        except (StreamconvError, OSError):
+            continue
+        referenced.update(_posix_join(folder, f) for f in probe.data_files)
+    return referenced
+
+
+def _plan(src_dir: str, dst_dir: str, options: BatchOptions,
+          result: BatchResult) -> tuple[list[_Job], list[str], set[str]]:
+    """Find the work: jobs to run, other files to copy, and paths the outputs occupy.
+
+    Models whose output is up to date go straight into *result* as skipped.
+    """
+    models, others = find_files(src_dir, dst_dir, options.include, options.exclude)
+    jobs: list[_Job] = []
+    produced: set[str] = set()
+    for index, rel in enumerate(models):
+        src = os.path.join(src_dir, *rel.split("/"))
+        dst = os.path.join(dst_dir, *rel.split("/"))
+        produced.add(rel)
+        fresh = None if options.force else _up_to_date(src, dst, options.size_threshold)
+        if fresh is not None:
+            data = [_posix_join(os.path.dirname(rel), f) for f in fresh]
+            produced.update(data)
+            result.models.append(ModelResult(
+                source=rel, destination=rel, status=SKIPPED, action="skip",
+                opset_to=options.opset, bytes_in=_size_or_zero(src),
+                bytes_out=_size_or_zero(dst), data_files=data,
+            ))
+            continue
+        jobs.append(_Job(index, rel, src, dst, _size_or_zero(src)))
+    if options.copy_other:
+        referenced = _referenced_data(src_dir, models, options.size_threshold)
+        others = [o for o in others if o not in referenced]
+    else:
+        others = []
+    return jobs, others, produced
+
+
+def _posix_join(folder: str, name: str) -> str:
+    """*name* (relative POSIX) inside relative POSIX *folder*, normalized."""
+    return os.path.normpath(os.path.join(folder, name)).replace(os.sep, "/")
+
+
+def convert_tree(
+    src_dir: str | os.PathLike[str],
+    dst_dir: str | os.PathLike[str],
+    options: BatchOptions,
+    *,
+    progress: ProgressCallback | None = None,
+) -> BatchResult:
+    """Convert every ``*.onnx`` below *src_dir* into the same place below *dst_dir*.
+
+    Runs ``options.jobs`` worker processes.  A model that fails, crashes its
+    worker or times out is reported as failed; the rest go on.  On Ctrl-C
+    (KeyboardInterrupt) the workers are stopped, no half-written output is
+    left, and the result so far is returned with ``interrupted`` set.
+    *progress* is called from this thread whenever a model advances or ends.
+
+    Raises UsageError for bad options or folders, OutputError when DST cannot
+    be written, StreamconvError when worker processes cannot start.
+    """
+    started = time.perf_counter()
+    src_dir, dst_dir = os.fspath(src_dir), os.fspath(dst_dir)
+    if os.name != "posix":
+        raise UsageError("batch conversion needs a POSIX system (its workers share a socket)")
+    options.validate()
+    _check_folders(src_dir, dst_dir)
+    result = BatchResult(src_dir, dst_dir, options)
+    workdir = None
+    try:
+        jobs, others, produced = _plan(src_dir, dst_dir, options, result)
+        try:
+            os.makedirs(dst_dir, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"cannot create DST_DIR {dst_dir}: {e.strerror}") from e
+        _sweep_stale_staging(dst_dir)
+        sizes = {j.rel: j.size for j in jobs}
+        total = sum(sizes.values())
+        finished = {"models": 0, "bytes": 0}
+
+        def on_progress(partial: int, model: ModelResult | None = None) -> None:
+            if progress is not None:
+                progress(BatchProgress(finished["models"], len(jobs),
+                                       finished["bytes"] + partial, total, model))
+
+        def on_result(model: ModelResult, partial: int) -> None:
+            result.models.append(model)
+            finished["models"] += 1
+            finished["bytes"] += sizes.get(model.source, 0)
+            produced.update(_posix_join(os.path.dirname(model.source), f)
+                            for f in model.data_files)
+            log.debug("%s: %s %s", model.source, model.status, model.error or "")
+            on_progress(partial, model)
+
+        on_progress(0)
+        if jobs:
+            workdir = tempfile.mkdtemp(prefix="streamconv-batch-")
+            pool = _Pool(options, dst_dir, workdir, on_result, on_progress)
+            pool.run(jobs)
+        if others:
+            _copy_others(src_dir, dst_dir, others, produced, options.force, result)
+    except _Stopped as e:
+        result.interrupted = int(e.args[0]) if e.args else signal.SIGINT
+    except KeyboardInterrupt:
+        result.interrupted = int(signal.SIGINT)
+    finally:
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
+        result.models.sort(key=lambda m: m.source)
+        result.seconds = time.perf_counter() - started
+    return result
+
+
+def dry_run(src_dir: str, dst_dir: str, options: BatchOptions) -> list[tuple[str, str, str]]:
+    """What a batch would do, without writing anything: ``(action, path, detail)`` rows.
+
+    Raises UsageError for bad options or folders.
+    """
+    options.validate()
+    _check_folders(src_dir, dst_dir)
+    result = BatchResult(src_dir, dst_dir, options)
+    jobs, others, _ = _plan(src_dir, dst_dir, options, result)
+    rows = [("skip", m.source, "up to date") for m in result.models]
+    for job in jobs:
+        try:
+            probe = _probe(job.src, options.size_threshold)
+        except (StreamconvError, OSError) as e:
+            rows.append(("convert", job.rel, f"unreadable, will fail: {_one_line(e)}"))
+            continue
+        data = f" + {len(probe.data_files)} data file(s)" if probe.data_files else ""
+        if probe.opset is None:
+            rows.append(("convert", job.rel, "imports no ai.onnx opset, will fail"))
+        elif probe.opset == options.opset and not options.force_convert:
+            rows.append(("copy", job.rel, f"already at opset {probe.opset}{data}"))
+        else:
+            rows.append(("convert", job.rel, f"opset {probe.opset} -> {options.opset}{data}"))
+    rows += [("copy-other", rel, "") for rel in others]
+    return sorted(rows, key=lambda r: (r[0] == "copy-other", r[1]))
+
+
+# -- reports ---------------------------------------------------------------------------------
+
+REPORT_FIELDS = tuple(f.name for f in fields(ModelResult))
+
+
+def write_report(path: str | os.PathLike[str], result: BatchResult) -> None:
+    """Write *result* as JSON, or as CSV (one row per model) when *path* ends in ``.csv``.
+
+    The file appears atomically.  Raises OSError when it cannot be written.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".streamconv-report-", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            if path.lower().endswith(".csv"):
+                writer = csv.DictWriter(f, fieldnames=REPORT_FIELDS)
+                writer.writeheader()
+                for m in result.models:
+                    row = m.to_dict()
+                    row["data_files"] = " ".join(m.data_files)
+                    writer.writerow({k: "" if v is None else v for k, v in row.items()})
+            else:
+                json.dump(result.to_dict(), f, indent=1)
+                f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def summary_lines(result: BatchResult) -> list[str]:
+    """The table the command line prints at the end of a batch."""
+    counts = result.counts()
+    copied = sum(1 for m in result.models if m.status == AT_TARGET and m.action == "copy")
+    verified = [m for m in result.models if m.verify is not None]
+    lines = [
+        f"{len(result.models)} models, {result.source_dir} -> {result.destination_dir}, "
+        f"opset {result.options.opset}, {result.options.jobs} jobs, {result.seconds:.1f} s"
+        + (" (interrupted)" if result.interrupted is not None else ""),
+        f"  {'converted':<20}{counts[CONVERTED]:>7}",
+        f"  {'already at target':<20}{counts[AT_TARGET]:>7}  "
+        f"({copied} copied through, {counts[AT_TARGET] - copied} converted)",
+        f"  {'failed':<20}{counts[FAILED]:>7}",
+        f"  {'skipped':<20}{counts[SKIPPED]:>7}  (up to date)",
+    ]
+    if verified:
+        matched = sum(1 for m in verified if m.verify and m.verify.startswith("match"))
+        mismatched = sum(1 for m in verified if m.error and m.error.startswith("--verify"))
+        lines.append(f"  {'verified':<20}{matched:>7}  match ({mismatched} mismatched, "
+                     f"{len(verified) - matched - mismatched} not checked)")
+    if result.options.copy_other:
+        lines.append(f"  {'other files copied':<20}{len(result.others_copied):>7}  "
+                     f"({len(result.others_up_to_date)} up to date, "
+                     f"{len(result.others_failed)} failed)")
+    failed = [m for m in result.models if m.status == FAILED]
+    if failed or result.others_failed:
+        lines.append("failed:")
+        lines += [f"  {m.source}: {m.error}" for m in failed]
+        lines += [f"  {rel}: {error}" for rel, error in result.others_failed]
+    return lines
+
+
+# -- command line ----------------------------------------------------------------------------
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class _UsageExit(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # a usage error is one line and exit code 2
+        raise _UsageExit(message)
+
+
+def _default_jobs() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="streamconv batch",
+        description="Convert every *.onnx below SRC_DIR to the same place below DST_DIR. "
+        "Models already at the target opset are copied through unchanged with their "
+        "external data. Outputs that are newer than their source are skipped, so an "
+        "interrupted batch can be rerun. Exit code 0: all succeeded, 1: some failed, "
+        "2: usage error.",
+    )
+    p.add_argument("src_dir", metavar="SRC_DIR", help="folder to read models from")
+    p.add_argument("dst_dir", metavar="DST_DIR", help="folder to write them to (created)")
+    p.add_argument("--opset", type=int, default=None,
+                   help=f"target ai.onnx opset (default: {max_opset()}, the newest onnx knows)")
+    p.add_argument("--jobs", "-j", type=int, default=None, metavar="N",
+                   help="models converted at once, one worker process each "
+                   "(default: the number of cores)")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="fail a model whose conversion takes longer (default: no limit)")
+    p.add_argument("--report", default=None, metavar="FILE",
+                   help="write a per-model report: JSON, or CSV if FILE ends in .csv")
+    p.add_argument("--layout", choices=LAYOUTS, default="auto",
+                   help="auto (default): models with external data keep it external, others "
+                   "are inline under 2 GiB; inline; external")
+    p.add_argument("--size-threshold", type=int, default=DEFAULT_THRESHOLD, metavar="BYTES",
+                   help=f"tensors larger than this are never loaded (default {DEFAULT_THRESHOLD})")
+    p.add_argument("--align", type=int, default=DEFAULT_ALIGN, metavar="BYTES",
+                   help=f"alignment of large tensors in data files (default {DEFAULT_ALIGN})")
+    p.add_argument("--no-check", dest="check", action="store_false", default=True,
+                   help="skip the onnx.checker validation of each result")
+    p.add_argument("--force", action="store_true",
+                   help="redo outputs even when they are up to date")
+    p.add_argument("--force-convert", action="store_true",
+                   help="convert models already at the target opset instead of copying them")
+    p.add_argument("--verify", action="store_true",
+                   help="run original and result in ONNX Runtime on the same inputs "
+                   "(test_data_set_* or seeded random); a mismatch fails the model")
+    p.add_argument("--include", action="append", default=[], metavar="GLOB",
+                   help="only paths matching GLOB (repeatable; a GLOB without '/' may match "
+                   "any part of the path)")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="leave out paths matching GLOB (repeatable)")
+    p.add_argument("--copy-other", action="store_true",
+                   help="also copy files that are neither models nor their external data")
+    p.add_argument("--dry-run", action="store_true", help="list what would be done and stop")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    return p
+
+
+def _progress_bar(quiet: bool) -> tuple[Any, ProgressCallback | None]:
+    if quiet or not sys.stderr.isatty():
+        return None, None
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc="converting",
+               file=sys.stderr, dynamic_ncols=True)
+
+    def update(event: BatchProgress) -> None:
+        if bar.total != event.bytes_total:
+            bar.total = event.bytes_total
+        bar.set_postfix_str(f"{event.models_done}/{event.models_total} models", refresh=False)
+        bar.update(event.bytes_done - bar.n)
+
+    return bar, update
+
+
+def _emit(text: str) -> None:
+    """Print a line of command-line output; a reader that went away (``| head``) is fine."""
+    try:
+        print(text)
+    except BrokenPipeError:
+        # Point stdout at /dev/null so that later prints and the final flush stay quiet.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+def _raise_stopped(signum: int, frame: Any) -> None:
+    raise _Stopped(signum)
+
+
+def run_batch(argv: Sequence[str]) -> int:
+    """``streamconv batch`` on *argv*; return the exit code.
+
+    0 when every model succeeded (or was up to date), 1 when some failed, 2 for
+    a usage error, 128 + signal number when interrupted.
+    """
+    try:
+        args = _parser().parse_args(list(argv))
+        options = BatchOptions(
+            opset=max_opset() if args.opset is None else args.opset,
+            jobs=_default_jobs() if args.jobs is None else args.jobs,
+            layout=args.layout, size_threshold=args.size_threshold, align=args.align,
+            check=args.check, force=args.force, force_convert=args.force_convert,
+            timeout=args.timeout, verify=args.verify, include=tuple(args.include),
+            exclude=tuple(args.exclude), copy_other=args.copy_other,
+        )
+        options.validate()
+        _check_folders(args.src_dir, args.dst_dir)
+        if args.report is not None and not os.path.isdir(
+                os.path.dirname(os.path.abspath(args.report))):
+            raise UsageError(f"--report: folder of {args.report} does not exist")
+    except _UsageExit as e:
+        print(f"streamconv batch: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except UsageError as e:
+        print(f"streamconv batch: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="streamconv: %(message)s")
+    if args.dry_run:
+        rows = dry_run(args.src_dir, args.dst_dir, options)
+        for action, rel, detail in rows:
+            _emit(f"{action:<10} {rel}" + (f"  ({detail})" if detail else ""))
+        if not args.quiet:
+            counts: dict[str, int] = {}
+            for action, _, _ in rows:
+                counts[action] = counts.get(action, 0) + 1
+            _emit("dry run: " + ", ".join(f"{n} {a}" for a, n in sorted(counts.items()))
+                  if counts else "dry run: nothing to do")
+        return EXIT_OK
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, _raise_stopped)
+        except ValueError:  # not the main thread: KeyboardInterrupt still stops cleanly
+            pass
+    bar, update = _progress_bar(args.quiet)
+    try:
+        result = convert_tree(args.src_dir, args.dst_dir, options, progress=update)
+    except StreamconvError as e:
+        print(f"streamconv batch: error: {e}", file=sys.stderr)
+        return e.exit_code
+    finally:
+        if bar is not None:
+            bar.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if args.report is not None:
+        try:
+            write_report(args.report, result)
+        except OSError as e:
+            print(f"streamconv batch: error: cannot write the report {args.report}: "
+                  f"{e.strerror}", file=sys.stderr)
+            return EXIT_USAGE
+    if not args.quiet:
+        _emit("\n".join(summary_lines(result)))
+    if result.interrupted is not None:
+        print(f"streamconv batch: interrupted by signal {result.interrupted}; finished outputs "
+              "are kept, none is half-written; rerun to continue", file=sys.stderr)
+        return 128 + result.interrupted
+    return EXIT_FAILED if result.failed else EXIT_OK

@@ -224,6 +224,9 @@ def _restore_nodes(orig_nodes: Iterable[onnx.NodeProto], conv_nodes: Iterable[on
     }
     if not special:
         return
+    conv_nodes = list(conv_nodes)
+    # an adapter may split a node: its name stays on one part, never on two
+    names = {n.name for n in conv_nodes if n.name}
     for node in conv_nodes:
         source = special.get(node.output[0]) if node.output else None
         if source is None or list(source.output) != list(node.output):
@@ -232,8 +235,9 @@ def _restore_nodes(orig_nodes: Iterable[onnx.NodeProto], conv_nodes: Iterable[on
             node.metadata_props.extend(source.metadata_props)
         if source.doc_string and not node.doc_string:
             node.doc_string = source.doc_string
-        if source.name and not node.name:
+        if source.name and not node.name and source.name not in names:
             node.name = source.name
+            names.add(node.name)
         if any(a.type in _SPARSE_TYPES for a in source.attribute):
             del node.attribute[:]
             node.attribute.extend(source.attribute)

@@ -310,3 +310,17 @@ def test_short_sidecar(tmp_path: Path) -> None:
         f.truncate(data.stat().st_size - 100)
     with pytest.raises(ExternalDataError, match="runs past the end"):
         convert(src, tmp_path / "out.onnx", opset=13)
+
+
+def test_split_nodes_keep_unique_names(tmp_path: Path) -> None:
+    """Adapters that turn one node into several must not leave two nodes with one name."""
+    import collections
+
+    src = Path(onnx.__file__).parent / "backend/test/data/light/light_squeezenet.onnx"
+    dst = tmp_path / "sq13.onnx"
+    convert(src, dst, opset=13)
+    names = collections.Counter(n.name for n in onnx.load(str(dst)).graph.node if n.name)
+    assert [n for n, k in names.items() if k > 1] == []
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    ort.InferenceSession(str(dst), options, providers=["CPUExecutionProvider"])
