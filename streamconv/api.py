@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable
@@ -89,11 +91,16 @@ class _OutputDir:
         folder = os.path.dirname(os.path.abspath(dst))
         if not os.path.isdir(folder):
             raise OutputError(f"output folder {folder} does not exist")
-        try:
-            self.path = tempfile.mkdtemp(prefix=".streamconv-", dir=folder)
-        except OSError as e:
-            raise OutputError(f"cannot write in {folder}: {e.strerror}") from e
         self.folder = folder
+        # the name is known before the folder exists, so an interruption at any
+        # point leaves nothing the clean-up does not know about
+        self.path = os.path.join(folder, f".streamconv-{secrets.token_hex(8)}")
+
+    def create(self) -> None:
+        try:
+            os.mkdir(self.path, 0o700)
+        except OSError as e:
+            raise OutputError(f"cannot write in {self.folder}: {e.strerror}") from e
 
     def file(self, name: str) -> str:
         full = os.path.join(self.path, name)
@@ -112,17 +119,22 @@ class _OutputDir:
 
 def _open_input(src: str) -> tuple[int, int]:
     try:
-        fd = os.open(src, os.O_RDONLY)
+        # non-blocking, so that a named pipe cannot hang the open; checked just below
+        fd = os.open(src, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError as e:
         raise StreamconvError("no such file", file=src) from e
     except IsADirectoryError as e:
         raise StreamconvError("is a folder, not a model file", file=src) from e
     except OSError as e:
         raise StreamconvError(f"cannot open: {e.strerror}", file=src) from e
-    size = os.fstat(fd).st_size
-    if os.path.isdir(src):
+    info = os.fstat(fd)
+    size = info.st_size
+    if stat.S_ISDIR(info.st_mode):
         os.close(fd)
         raise StreamconvError("is a folder, not a model file", file=src)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise StreamconvError("not a regular file", file=src)
     if size == 0:
         os.close(fd)
         raise WireFormatError("empty file, not an ONNX model", file=src)
@@ -255,7 +267,12 @@ def convert(
                         f"the output would overwrite the input's data file {other}", file=src
                     )
         opset_from = default_opset(skeleton.model)
-        result = convert_model(skeleton.model, target, inline_functions=inline_functions)
+        try:
+            result = convert_model(skeleton.model, target, inline_functions=inline_functions)
+        except UnicodeError as e:
+            # protobuf hands strings that are not UTF-8 over as bytes
+            raise WireFormatError("a name or string in the model is not valid UTF-8",
+                                  file=src) from e
         skeleton_bytes = result.model.SerializeToString()
         early = job.sidecar
         plan = plan_output(
@@ -321,6 +338,7 @@ class _Job:
     def out(self) -> _OutputDir:
         if self._out is None:
             self._out = _OutputDir(self.dst)
+            self._out.create()
         return self._out
 
     def step(self, n: int) -> None:

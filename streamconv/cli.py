@@ -26,6 +26,9 @@ class _Interrupted(BaseException):
 
 
 def _on_signal(signum: int, frame: Any) -> None:
+    # a second signal must not interrupt the clean-up this one starts
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise _Interrupted(signum)
 
 

@@ -141,7 +141,9 @@ def _has_sparse(graph: onnx.GraphProto) -> bool:
         for attr in node.attribute:
             if attr.type in _SPARSE_TYPES:
                 return True
-            if attr.type in _GRAPH_TYPES and any(_has_sparse(g) for _, _, g in _subgraphs(node)):
+            if attr.type == onnx.AttributeProto.GRAPH and _has_sparse(attr.g):
+                return True
+            if attr.type == onnx.AttributeProto.GRAPHS and any(_has_sparse(g) for g in attr.graphs):
                 return True
     return False
 

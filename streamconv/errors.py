@@ -52,7 +52,9 @@ class StreamconvError(Exception):
             where.append(self.path)
         text = ", ".join(where)
         text = f"{text}: {self.message}" if text else self.message
-        return f"{self.file}: {text}" if self.file else text
+        text = f"{self.file}: {text}" if self.file else text
+        # names come from the file: never let one split (or forge) the error line
+        return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class WireFormatError(StreamconvError):

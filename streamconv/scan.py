@@ -164,6 +164,14 @@ def rewrite_message(
             index = counts.get(number, 0)
             counts[number] = index + 1
             child_path = (*path, f"{label}[{index}]" if repeated else label)
+            if index and not repeated:
+                # protobuf merges the copies (dims add up, payloads replace each other),
+                # so the tensors it would see are not the ones walked here
+                raise WireFormatError(
+                    f"'{label}' appears {index + 1} times; it is a single message",
+                    offset=field_start,
+                    path=format_path(path),
+                )
             if wire_type != F.WT_LEN:
                 raise WireFormatError(
                     f"expected a length-delimited message, found wire type {wire_type}",

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import fields as F
-from .errors import ExternalDataError, WireFormatError
+from .errors import ExternalDataError, LimitError, WireFormatError
 from .scan import (
     Hooks,
     Path,
@@ -136,6 +136,8 @@ def stub_id(tensor: onnx.TensorProto) -> int | None:
     if tensor.data_location != F.DATA_LOCATION_EXTERNAL:
         return None
     for entry in tensor.external_data:
+        if not isinstance(entry.value, str) or not isinstance(entry.key, str):
+            return None  # not UTF-8: protobuf hands it over as bytes; never a stub
         if entry.key == "location" and entry.value.startswith(MARKER):
             try:
                 return int(entry.value[len(MARKER):])
@@ -206,11 +208,18 @@ class _Stubber:
             elif f.number == F.TENSOR_DATA_TYPE and f.wire_type == F.WT_VARINT:
                 data_type = f.value
             elif f.number == F.TENSOR_NAME and f.wire_type == F.WT_LEN:
-                name = bytes(buf[f.value:f.end]).decode("utf-8", "replace")
+                try:
+                    name = bytes(buf[f.value:f.end]).decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise WireFormatError(
+                        "tensor name is not valid UTF-8", offset=f.field_start
+                    ) from e
             elif f.number in F.PAYLOAD_FIELDS:
                 payload.append(f)
-            elif f.number == F.TENSOR_EXTERNAL_DATA:
-                return None  # external data is handled on the parsed skeleton
+            elif f.number in (F.TENSOR_EXTERNAL_DATA, F.TENSOR_DATA_LOCATION):
+                # external data is handled on the parsed skeleton; an explicit
+                # data_location stays with its inline payload
+                return None
         if len(payload) != 1 or payload[0].wire_type != F.WT_LEN:
             return None
         if path and path[-1] == "indices":
@@ -455,6 +464,8 @@ def _safe_location(location: str, base: str, where: dict[str, Any]) -> str:
     """Resolve an external-data location inside *base*, or raise ExternalDataError."""
     if not location:
         raise ExternalDataError("external data without a location", **where)
+    if location.startswith(MARKER):
+        raise ExternalDataError(f"location {location!r} uses a reserved name", **where)
     if "\0" in location:
         raise ExternalDataError(f"location {location!r} contains a NUL byte", **where)
     if location.startswith(("/", "\\")) or (len(location) > 1 and location[1] == ":"):
@@ -492,6 +503,8 @@ def _external_payload(
     """Describe an input tensor stored as external data, checking every key."""
     where: dict[str, Any] = {"file": model_file, "path": f"{path} '{tensor.name}'"}
     keys = {e.key: e.value for e in tensor.external_data}
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in keys.items()):
+        raise ExternalDataError("external_data keys and values must be UTF-8 text", **where)
     real = _safe_location(keys.get("location", ""), base, where)
     try:
         offset = int(keys.get("offset", "0"))
@@ -593,6 +606,10 @@ def analyze_skeleton(
     try:
         model.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError) as e:
+        if "depth" in str(e).lower() or "recursion" in str(e).lower():
+            raise LimitError(
+                "messages nested deeper than protobuf's limit of 100 levels"
+            ) from e
         raise WireFormatError(f"not a valid ONNX model ({e})") from e
     if not model.HasField("graph"):
         raise WireFormatError("not an ONNX model: it has no graph")
@@ -607,11 +624,20 @@ def _restub_external(skeleton: Skeleton, source: str) -> None:
     """Turn the input's own external-data references into stubs."""
     # Each stub carries one "location" entry; more of them means external data.
     stubs = len(skeleton.payloads)
-    if skeleton.data.count(b"location") <= stubs and skeleton.data.count(b"\x70\x01") <= stubs:
+    if (
+        skeleton.data.count(b"location") <= stubs
+        and skeleton.data.count(b"\x70\x01") <= stubs
+        and skeleton.data.count(MARKER_BYTES) == stubs
+    ):
         return
     base = os.path.dirname(os.path.abspath(source))
+    ours = set(skeleton.payloads)
     for tensor, _, path in iter_stub_tensors(skeleton.model):
-        if tensor.data_location != F.DATA_LOCATION_EXTERNAL or stub_id(tensor) is not None:
+        if tensor.data_location != F.DATA_LOCATION_EXTERNAL:
+            continue
+        ident = stub_id(tensor)
+        if ident is not None and ident in ours:
+            ours.discard(ident)  # each of the stubs made by the scan, once
             continue
         ident = len(skeleton.payloads) + 1
         skeleton.payloads[ident] = _external_payload(tensor, ident, base, source, path)

@@ -1,0 +1,468 @@
+"""Check every external-data reference of a model without loading its weights.
+
+``python -m streamconv verify model.onnx`` reads the model as a stream (inline
+models past 2 GiB included), finds every tensor stored as external data, and
+checks each reference the way the converter would before reading it: the
+location is a relative path to a regular file inside the model's folder (no
+absolute paths, ``..``, symlinks or hard links leading out), offset + length
+lie within the file, and length equals dims × element size.  Where the tensor
+carries a ``checksum`` (the SHA-1 of its bytes, as written by ``--checksum``),
+its bytes are hashed in bounded chunks and compared.  Inline tensors are only
+counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import stat
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import Message
+
+from .errors import ExternalDataError, StreamconvError, WireFormatError
+from .scan import map_file
+from .skeleton import MARKER, Payload, _external_payload, build_skeleton, stub_id
+
+__all__ = [
+    "TensorCheck",
+    "VerifyReport",
+    "iter_tensors",
+    "one_line",
+    "run_verify",
+    "verify_model",
+]
+
+EXIT_OK = 0
+EXIT_PROBLEMS = 1
+EXIT_UNREADABLE = 2
+
+#: Inline payloads above this many bytes stay in the file while the model is read.
+SCAN_THRESHOLD = 1024
+#: Bytes hashed per read.
+HASH_CHUNK = 8 << 20
+
+#: The external-data keys ONNX defines.
+KEYS = ("location", "offset", "length", "checksum")
+
+_SHA1_HEX = re.compile(r"[0-9a-fA-F]{40}")
+
+#: progress(bytes_hashed, bytes_to_hash)
+VerifyProgress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class TensorCheck:
+    """What verify found for one external tensor.
+
+    ``problem`` is None when the reference is sound; ``checksum`` is ``ok``,
+    ``absent`` (no checksum key), ``skipped`` (hashing switched off, or a
+    problem was found first) or ``mismatch``.
+    """
+
+    path: str
+    name: str
+    location: str
+    offset: int | None
+    length: int | None
+    checksum: str
+    problem: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+    def describe(self) -> str:
+        """One line: status, field path, tensor name, where its bytes are, and the verdict."""
+        label = f"{self.path} '{self.name}'" if self.name else self.path
+        where = f"{self.location!r}"
+        if self.offset is not None and self.length is not None:
+            where += f" offset {self.offset} length {self.length}"
+        if self.problem is None:
+            return one_line(f"ok       {label}: {where}, checksum {self.checksum}")
+        return one_line(f"PROBLEM  {label}: {where}: {self.problem}")
+
+
+def one_line(text: str) -> str:
+    """*text* with control characters (newlines included) escaped, so it prints as one line.
+
+    Names and strings come from the model and may hold anything.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+@dataclass
+class VerifyReport:
+    """Every external tensor of a model and how its reference fared."""
+
+    model: str
+    tensors: list[TensorCheck] = field(default_factory=list)
+    inline: int = 0
+    bytes_hashed: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """True when no external tensor has a problem."""
+        return all(t.ok for t in self.tensors)
+
+    @property
+    def problems(self) -> list[TensorCheck]:
+        return [t for t in self.tensors if not t.ok]
+
+    def summary(self) -> str:
+        """One line: counts of external tensors, problems, inline tensors, bytes hashed."""
+        bad = len(self.problems)
+        verdict = "all ok" if bad == 0 else f"{bad} with problems"
+        hashed = sum(1 for t in self.tensors if t.checksum == "ok")
+        return (
+            f"{self.model}: {len(self.tensors)} external tensor(s), {verdict}; "
+            f"{hashed} checksum(s) verified ({self.bytes_hashed} bytes hashed); "
+            f"{self.inline} inline tensor(s)"
+        )
+
+
+def _tensor_bearing(root: Descriptor) -> set[str]:
+    """Full names of the message types reachable from *root* that can contain a TensorProto."""
+    tensor = onnx.TensorProto.DESCRIPTOR.full_name
+    children: dict[str, set[str]] = {}
+    todo = [root]
+    while todo:
+        d = todo.pop()
+        if d.full_name in children:
+            continue
+        kids = {f.message_type for f in d.fields if f.type == FieldDescriptor.TYPE_MESSAGE}
+        children[d.full_name] = {k.full_name for k in kids}
+        todo.extend(kids)
+    bearing = {tensor}
+    changed = True
+    while changed:  # a fixed point: message types refer to each other in cycles
+        changed = False
+        for name, kids in children.items():
+            if name not in bearing and kids & bearing:
+                bearing.add(name)
+                changed = True
+    return bearing
+
+
+def _is_repeated(f: FieldDescriptor) -> bool:
+    # ``is_repeated`` replaced ``label`` in newer protobuf releases.
+    flag = getattr(f, "is_repeated", None)
+    if flag is not None:
+        return bool(flag)
+    return bool(f.label == FieldDescriptor.LABEL_REPEATED)
+
+
+def iter_tensors(model: onnx.ModelProto) -> Iterator[tuple[onnx.TensorProto, str]]:
+    """Every TensorProto anywhere in *model* with its field path, in field order.
+
+    Walks the message tree with an explicit stack, so depth costs no Python
+    stack; every message type that can hold a tensor is entered (initializers,
+    attributes, subgraphs, sparse tensors, functions, training graphs).
+    """
+    bearing = _tensor_bearing(model.DESCRIPTOR)
+    cache: dict[str, list[FieldDescriptor]] = {}
+    stack: list[tuple[Message, str]] = [(model, "")]
+    while stack:
+        message, path = stack.pop()
+        if isinstance(message, onnx.TensorProto):
+            yield message, path or "model"
+            continue
+        name = message.DESCRIPTOR.full_name
+        if name not in cache:
+            cache[name] = [
+                f for f in message.DESCRIPTOR.fields
+                if f.type == FieldDescriptor.TYPE_MESSAGE and f.message_type.full_name in bearing
+            ]
+        children: list[tuple[Message, str]] = []
+        for f in cache[name]:
+            prefix = f"{path}.{f.name}" if path else f.name
+            if _is_repeated(f):
+                children.extend(
+                    (child, f"{prefix}[{i}]") for i, child in enumerate(getattr(message, f.name))
+                )
+            elif message.HasField(f.name):
+                children.append((getattr(message, f.name), prefix))
+        stack.extend(reversed(children))
+
+
+def _open_model(path: str) -> tuple[int, int]:
+    """Open a model file read-only; refuse anything but a non-empty regular file."""
+    try:
+        # O_NONBLOCK: opening a named pipe for reading would otherwise wait for a writer.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError as e:
+        raise StreamconvError("no such file", file=path) from e
+    except OSError as e:
+        raise StreamconvError(f"cannot open: {e.strerror}", file=path) from e
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise StreamconvError("not a regular file", file=path)
+    if st.st_size == 0:
+        os.close(fd)
+        raise WireFormatError("empty file, not an ONNX model", file=path)
+    return fd, st.st_size
+
+
+class _Hasher:
+    """SHA-1 of byte ranges, read in bounded chunks from files opened once."""
+
+    def __init__(self, progress: VerifyProgress | None, total: int) -> None:
+        self.fds: dict[str, int] = {}
+        self.progress = progress
+        self.total = total
+        self.done = 0
+
+    def sha1(self, source: str, offset: int, length: int) -> str:
+        if source not in self.fds:
+            self.fds[source] = os.open(source, os.O_RDONLY)
+        fd = self.fds[source]
+        digest = hashlib.sha1(usedforsecurity=False)
+        pos, end = offset, offset + length
+        while pos < end:
+            data = os.pread(fd, min(HASH_CHUNK, end - pos), pos)
+            if not data:
+                raise ExternalDataError(
+                    f"file ended at byte {pos}, {end - pos} bytes before the tensor's end"
+                )
+            digest.update(data)
+            pos += len(data)
+            self.done += len(data)
+            if self.progress is not None:
+                self.progress(self.done, self.total)
+        return digest.hexdigest()
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def _keys(tensor: onnx.TensorProto) -> dict[str, str]:
+    """The external-data entries as text (protobuf hands invalid UTF-8 over as bytes)."""
+    return {_text(entry.key): _text(entry.value) for entry in tensor.external_data}
+
+
+def _text(value: str | bytes) -> str:
+    return value if isinstance(value, str) else value.decode("utf-8", "backslashreplace")
+
+
+def _reserved(tensor: onnx.TensorProto) -> str | None:
+    """A problem when the location is the one streamconv reserves for its stubs."""
+    location = _keys(tensor).get("location", "")
+    if location.startswith(MARKER):
+        return f"location {location!r} is reserved for streamconv's stubs"
+    return None
+
+
+def _undecodable(tensor: onnx.TensorProto) -> str | None:
+    """A problem when the value of a key ONNX defines is not valid UTF-8, else None.
+
+    Other keys are ignored, as ONNX and the converter ignore them.
+    """
+    for entry in tensor.external_data:
+        if entry.key in KEYS and not isinstance(entry.value, str):
+            return f"the {entry.key!r} value {_text(entry.value)!r} is not valid UTF-8"
+    return None
+
+
+def _as_int(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def verify_model(
+    path: str | os.PathLike[str],
+    *,
+    checksums: bool = True,
+    progress: VerifyProgress | None = None,
+) -> VerifyReport:
+    """Check every external-data reference of the model at *path*.
+
+    Each external tensor gets a :class:`TensorCheck`; every check but the
+    checksum is made before any byte of the data file is read, and checksums
+    are computed in chunks of :data:`HASH_CHUNK` bytes, so memory stays bounded
+    whatever the size of the weights.  With ``checksums=False`` no data byte is
+    read at all.  ``progress(done, total)`` follows the bytes hashed.
+
+    Raises StreamconvError (WireFormatError, LimitError, …) when the model
+    itself cannot be read; problems with references are reported, not raised.
+    """
+    model_path = os.fspath(path)
+    fd, size = _open_model(model_path)
+    buf: Any = None
+    try:
+        buf = map_file(fd, size)
+        try:
+            skeleton = build_skeleton(buf, size, model_path, SCAN_THRESHOLD, for_conversion=False)
+        except StreamconvError as e:
+            raise e.with_file(model_path) from e.__cause__
+    finally:
+        if buf is not None and hasattr(buf, "close"):
+            buf.close()
+        os.close(fd)
+
+    report = VerifyReport(model=model_path)
+    base = os.path.dirname(os.path.abspath(model_path))
+    external: list[tuple[onnx.TensorProto, str]] = []
+    for tensor, tensor_path in iter_tensors(skeleton.model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            external.append((tensor, tensor_path))
+        else:
+            report.inline += 1
+    # Stubs stand for inline payloads set aside while reading the model.  An input
+    # may itself carry the reserved stub location; each stub id therefore counts
+    # once, for the tensor at the payload's own path when there is one.
+    owner: dict[int, int] = {}
+    for index, (tensor, tensor_path) in enumerate(external):
+        if _undecodable(tensor) is not None:
+            continue
+        ident = stub_id(tensor)
+        if ident is None or ident not in skeleton.payloads:
+            continue
+        if ident not in owner or tensor_path == skeleton.payloads[ident].path:
+            owner[ident] = index
+    stubs = set(owner.values())
+    report.inline += len(stubs)
+    pending: list[tuple[onnx.TensorProto, str, Payload | None, str | None]] = []
+    for index, (tensor, tensor_path) in enumerate(external):
+        if index in stubs:
+            continue
+        payload: Payload | None = None
+        problem = _undecodable(tensor) or _reserved(tensor)
+        if problem is None:
+            try:  # the converter's own checks: verify accepts exactly what convert reads
+                payload = _external_payload(tensor, 0, base, model_path, tensor_path)
+            except ExternalDataError as e:
+                problem = e.message
+        pending.append((tensor, tensor_path, payload, problem))
+
+    to_hash = sum(
+        p.length for t, _, p, _ in pending
+        if checksums and p is not None and "checksum" in _keys(t)
+    )
+    hasher = _Hasher(progress, to_hash)
+    try:
+        for tensor, tensor_path, payload, problem in pending:
+            report.tensors.append(
+                _check_one(tensor, tensor_path, payload, problem, checksums, hasher)
+            )
+    finally:
+        hasher.close()
+    report.bytes_hashed = hasher.done
+    return report
+
+
+def _check_one(
+    tensor: onnx.TensorProto,
+    path: str,
+    payload: Payload | None,
+    problem: str | None,
+    checksums: bool,
+    hasher: _Hasher,
+) -> TensorCheck:
+    keys = _keys(tensor)
+    location = keys.get("location", "")
+    offset = payload.offset if payload is not None else _as_int(keys.get("offset", "0"))
+    length = payload.length if payload is not None else _as_int(keys.get("length"))
+    expected = keys.get("checksum")
+
+    def result(checksum: str, why: str | None) -> TensorCheck:
+        return TensorCheck(path, _text(tensor.name), location, offset, length, checksum, why)
+
+    if payload is None:
+        return result("skipped", problem)
+    if expected is None:
+        return result("absent", None)
+    if not _SHA1_HEX.fullmatch(expected):
+        return result("skipped", f"checksum {expected[:64]!r} is not a SHA-1 hex digest")
+    if not checksums:
+        return result("skipped", None)
+    try:
+        actual = hasher.sha1(payload.source, payload.offset, payload.length)
+    except ExternalDataError as e:
+        return result("skipped", e.message)
+    except OSError as e:
+        return result("skipped", f"reading {location!r} failed: {e.strerror or e}")
+    if actual != expected.lower():
+        return result("mismatch", f"checksum mismatch: recorded {expected}, data has {actual}")
+    return result("ok", None)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # one line and exit 2, like every usage error
+        sys.stderr.write(f"streamconv: error: verify: {message}\n")
+        sys.exit(EXIT_UNREADABLE)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="streamconv verify",
+        description="Check every external-data reference of ONNX models without loading "
+        "their weights: file present, inside the model's folder, offset + length within the "
+        "file, length = dims x element size, and the SHA-1 checksum where one is recorded. "
+        "Exit 0 when all are sound, 1 when a problem was found, 2 when a model is unreadable.",
+    )
+    p.add_argument("models", nargs="+", metavar="MODEL", help="model files (.onnx)")
+    p.add_argument("--no-checksum", dest="checksums", action="store_false",
+                   help="do not hash the data (no data byte is read)")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="print only problems and the summary")
+    return p
+
+
+def _progress_bar(quiet: bool) -> tuple[Any, VerifyProgress | None]:
+    if quiet or not sys.stderr.isatty():
+        return None, None
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc="hashing",
+               leave=False, file=sys.stderr)
+
+    def update(done: int, total: int) -> None:
+        if bar.total != total:
+            bar.total = total
+        bar.update(done - bar.n)
+
+    return bar, update
+
+
+def run_verify(argv: Sequence[str]) -> int:
+    """Run ``streamconv verify``; return 0 (all sound), 1 (problems) or 2 (unreadable).
+
+    Prints one line per external tensor and a summary per model on stdout;
+    a model that cannot be read gets one ``streamconv: error:`` line on stderr.
+    """
+    args = _parser().parse_args(list(argv))
+    status = EXIT_OK
+    for model in args.models:
+        bar, update = _progress_bar(args.quiet)
+        try:
+            report = verify_model(model, checksums=args.checksums, progress=update)
+        except StreamconvError as e:
+            print(one_line(f"streamconv: error: {e}"), file=sys.stderr)
+            status = EXIT_UNREADABLE
+            continue
+        finally:
+            if bar is not None:
+                bar.close()
+        for check in report.tensors:
+            if not (args.quiet and check.ok):
+                print(check.describe())
+        print(one_line(report.summary()))
+        if not report.ok and status == EXIT_OK:
+            status = EXIT_PROBLEMS
+    return status
