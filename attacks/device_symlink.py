@@ -1,0 +1,21 @@
+"""The data file is a symlink to /dev/zero: endless bytes, and outside the folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from attacks import _files
+
+EXPECT = "resolves outside the model's folder"
+VERIFY = 1
+
+
+def build(folder: Path) -> Path:
+    """Write the attack into *folder*; return the model's path."""
+    os.symlink("/dev/zero", _files.model_folder(folder) / "weights.bin")
+    return _files.external_model(folder, [("location", "weights.bin"), ("length", "4096")])
+
+
+if __name__ == "__main__":
+    _files.main(build)
