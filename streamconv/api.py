@@ -6,11 +6,14 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import stat
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from types import ModuleType
 from typing import Any
 
 from .errors import ConversionError, OutputError, StreamconvError, UsageError, WireFormatError
@@ -117,7 +120,30 @@ class _OutputDir:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-def _open_input(src: str) -> tuple[int, int]:
+_HELD_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _load_onnx() -> ModuleType:
+    """Import the converter stage (and onnx) with SIGINT/SIGTERM held.
+
+    A Python signal handler that raises while onnx's C++ extension initializes
+    aborts the interpreter; held signals are delivered right after the import.
+    """
+    main = threading.current_thread() is threading.main_thread()
+    if not main or not hasattr(signal, "pthread_sigmask"):
+        from . import converter
+
+        return converter
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
+    try:
+        from . import converter
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    return converter
+
+
+def open_input(src: str) -> tuple[int, int]:
+    """Open a model read-only; refuse anything but a non-empty regular file (no hang on FIFOs)."""
     try:
         # non-blocking, so that a named pipe cannot hang the open; checked just below
         fd = os.open(src, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
@@ -236,7 +262,7 @@ def convert(
         raise UsageError("the output's data file would overwrite the input", file=src)
 
     job = _Job(dst, progress)
-    fd, size = _open_input(src)
+    fd, size = open_input(src)
     buf: Any = None
     try:
         buf = map_file(fd, size)
@@ -253,9 +279,10 @@ def convert(
                 data_name, [p for p in payloads.values() if p.nbytes >= EARLY_MIN],
                 align=align, checksum=checksum,
             )
-        from .converter import convert_model, default_opset, max_opset, validate_target
-
-        target = validate_target(opset) if opset is not None else max_opset()
+        converter = _load_onnx()
+        target = (
+            converter.validate_target(opset) if opset is not None else converter.max_opset()
+        )
         try:
             skeleton = analyze_skeleton(data, payloads, src)
         except StreamconvError as e:
@@ -266,9 +293,11 @@ def convert(
                     raise UsageError(
                         f"the output would overwrite the input's data file {other}", file=src
                     )
-        opset_from = default_opset(skeleton.model)
+        opset_from = converter.default_opset(skeleton.model)
         try:
-            result = convert_model(skeleton.model, target, inline_functions=inline_functions)
+            result = converter.convert_model(
+                skeleton.model, target, inline_functions=inline_functions
+            )
         except UnicodeError as e:
             # protobuf hands strings that are not UTF-8 over as bytes
             raise WireFormatError("a name or string in the model is not valid UTF-8",
@@ -417,7 +446,8 @@ def roundtrip(
     """
     src, dst = os.fspath(src), os.fspath(dst)
     _validate_options("inline", size_threshold, DEFAULT_ALIGN, None)
-    fd, size = _open_input(src)
+    _load_onnx()
+    fd, size = open_input(src)
     buf: Any = None
     try:
         buf = map_file(fd, size)

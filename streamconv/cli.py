@@ -85,12 +85,13 @@ def _convert_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _progress_bar(quiet: bool) -> tuple[Any, Any]:
+def progress_bar(quiet: bool, desc: str) -> tuple[Any, Any]:
+    """A tqdm bar on stderr and its ``update(done, total)``, or (None, None) when hidden."""
     if quiet or not sys.stderr.isatty():
         return None, None
     from tqdm import tqdm
 
-    bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc="writing",
+    bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
                leave=False, file=sys.stderr)
 
     def update(done: int, total: int) -> None:
@@ -107,7 +108,7 @@ def _run_convert(argv: Sequence[str]) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="streamconv: %(message)s",
     )
-    bar, update = _progress_bar(args.quiet)
+    bar, update = progress_bar(args.quiet, "writing")
     try:
         report = convert(
             args.input, args.output, opset=args.opset, layout=args.layout,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -446,6 +447,9 @@ class SidecarWriter(threading.Thread):
         self._stop_event = threading.Event()
 
     def run(self) -> None:
+        if hasattr(signal, "pthread_sigmask"):
+            # signals belong to the main thread, which cleans up
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         sources = _Sources()
         copier = _Copier()
         cursor = 0

@@ -17,7 +17,6 @@ import argparse
 import hashlib
 import os
 import re
-import stat
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +26,8 @@ import onnx
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from .errors import ExternalDataError, StreamconvError, WireFormatError
+from .api import open_input
+from .errors import ExternalDataError, StreamconvError
 from .scan import map_file
 from .skeleton import MARKER, Payload, _external_payload, build_skeleton, stub_id
 
@@ -194,25 +194,6 @@ def iter_tensors(model: onnx.ModelProto) -> Iterator[tuple[onnx.TensorProto, str
         stack.extend(reversed(children))
 
 
-def _open_model(path: str) -> tuple[int, int]:
-    """Open a model file read-only; refuse anything but a non-empty regular file."""
-    try:
-        # O_NONBLOCK: opening a named pipe for reading would otherwise wait for a writer.
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except FileNotFoundError as e:
-        raise StreamconvError("no such file", file=path) from e
-    except OSError as e:
-        raise StreamconvError(f"cannot open: {e.strerror}", file=path) from e
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise StreamconvError("not a regular file", file=path)
-    if st.st_size == 0:
-        os.close(fd)
-        raise WireFormatError("empty file, not an ONNX model", file=path)
-    return fd, st.st_size
-
-
 class _Hasher:
     """SHA-1 of byte ranges, read in bounded chunks from files opened once."""
 
@@ -302,7 +283,7 @@ def verify_model(
     itself cannot be read; problems with references are reported, not raised.
     """
     model_path = os.fspath(path)
-    fd, size = _open_model(model_path)
+    fd, size = open_input(model_path)
     buf: Any = None
     try:
         buf = map_file(fd, size)
@@ -424,32 +405,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _progress_bar(quiet: bool) -> tuple[Any, VerifyProgress | None]:
-    if quiet or not sys.stderr.isatty():
-        return None, None
-    from tqdm import tqdm
-
-    bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc="hashing",
-               leave=False, file=sys.stderr)
-
-    def update(done: int, total: int) -> None:
-        if bar.total != total:
-            bar.total = total
-        bar.update(done - bar.n)
-
-    return bar, update
-
-
 def run_verify(argv: Sequence[str]) -> int:
     """Run ``streamconv verify``; return 0 (all sound), 1 (problems) or 2 (unreadable).
 
     Prints one line per external tensor and a summary per model on stdout;
     a model that cannot be read gets one ``streamconv: error:`` line on stderr.
     """
+    from .cli import progress_bar
+
     args = _parser().parse_args(list(argv))
     status = EXIT_OK
     for model in args.models:
-        bar, update = _progress_bar(args.quiet)
+        bar, update = progress_bar(args.quiet, "hashing")
         try:
             report = verify_model(model, checksums=args.checksums, progress=update)
         except StreamconvError as e:

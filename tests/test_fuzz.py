@@ -748,7 +748,7 @@ byte_op = st.tuples(st.sampled_from(BYTE_MUTATIONS), index, index, index)
 byte_ops = st.lists(byte_op, max_size=2)
 
 
-@_settings(ci_examples=3000)
+@_settings(ci_examples=5000)
 @given(seed=st.sampled_from(SEED_NAMES), ops=tree_ops, more=byte_ops, opts=options)
 def test_structural_mutations(seed: str, ops: list[Op], more: list[Op], opts: Options) -> None:
     """Deleted, duplicated, reordered, grafted, mislabelled and over-long fields."""
@@ -761,7 +761,7 @@ def test_structural_mutations(seed: str, ops: list[Op], more: list[Op], opts: Op
     check_input(data, SEEDS[seed].files, opts)
 
 
-@_settings(ci_examples=2500)
+@_settings(ci_examples=4000)
 @given(seed=st.sampled_from(SEED_NAMES), ops=st.lists(byte_op, min_size=1, max_size=3),
        opts=options)
 def test_byte_mutations(seed: str, ops: list[Op], opts: Options) -> None:
@@ -780,7 +780,7 @@ def _entry_values(tree: list[Field]) -> list[Field]:
     ]
 
 
-@_settings(ci_examples=2000)
+@_settings(ci_examples=3500)
 @given(
     strings=st.lists(st.tuples(index, st.sampled_from(HOSTILE)), max_size=3),
     sidecar=st.lists(st.tuples(st.sampled_from(SIDECAR_MUTATIONS), index), max_size=2),
