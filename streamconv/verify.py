@@ -49,9 +49,6 @@ SCAN_THRESHOLD = 1024
 #: Bytes hashed per read.
 HASH_CHUNK = 8 << 20
 
-#: The external-data keys ONNX defines.
-KEYS = ("location", "offset", "length", "checksum")
-
 _SHA1_HEX = re.compile(r"[0-9a-fA-F]{40}")
 
 #: progress(bytes_hashed, bytes_to_hash)
@@ -246,13 +243,15 @@ def _reserved(tensor: onnx.TensorProto) -> str | None:
 
 
 def _undecodable(tensor: onnx.TensorProto) -> str | None:
-    """A problem when the value of a key ONNX defines is not valid UTF-8, else None.
+    """A problem when a key or value is not valid UTF-8 (protobuf hands those over as bytes).
 
-    Other keys are ignored, as ONNX and the converter ignore them.
+    As in ONNX and the converter, a later entry replaces an earlier one with the
+    same key, so only the entries that take effect are judged.
     """
-    for entry in tensor.external_data:
-        if entry.key in KEYS and not isinstance(entry.value, str):
-            return f"the {entry.key!r} value {_text(entry.value)!r} is not valid UTF-8"
+    entries = {entry.key: entry.value for entry in tensor.external_data}
+    for key, value in entries.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            return f"external-data entry {_text(key)!r}: {_text(value)!r} is not valid UTF-8"
     return None
 
 

@@ -357,3 +357,17 @@ def test_symlink_inside_the_folder_is_accepted(tmp_path: Path) -> None:
     assert verify_model(model).ok
     convert(model, tmp_path / "out.onnx", opset=13, layout="external", check=False)
     assert verify_model(tmp_path / "out.onnx").ok
+
+
+def test_a_later_entry_replaces_an_earlier_one(tmp_path: Path) -> None:
+    """As in ONNX (and the converter), the last entry of a key counts: an earlier one that
+    is not even UTF-8 is no problem."""
+    entries = [(b"location", b"w.bin"), (b"length", b"\xff\xfe"), (b"length", b"4096")]
+    body = w.field_varint(1, 1024) + w.field_varint(2, 1) + w.field_str(8, "W")
+    for key, value in entries:
+        body += w.field_bytes(13, w.field_bytes(1, key) + w.field_bytes(2, value))
+    model = _files.model_folder(tmp_path) / "model.onnx"
+    model.write_bytes(w.simple_model(body + w.field_varint(14, 1)))
+    (model.parent / "w.bin").write_bytes(bytes(4096))
+    assert verify_model(model).ok
+    convert(model, tmp_path / "out.onnx", opset=13, check=False)
