@@ -13,7 +13,6 @@ messages far beyond 2 GiB can be described without holding their bytes.
 from __future__ import annotations
 
 import mmap
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -247,6 +246,3 @@ def map_file(fd: int, size: int) -> Any:
         return b""
     return mmap.mmap(fd, size, access=mmap.ACCESS_READ)
 
-
-def file_size(fd: int) -> int:
-    return os.fstat(fd).st_size

@@ -127,8 +127,6 @@ class Skeleton:
     data: bytes
     model: onnx.ModelProto
     payloads: dict[int, Payload] = field(default_factory=dict)
-    # True when the proto was changed after parsing (external data, value reads)
-    edited: bool = False
 
 
 def stub_id(tensor: onnx.TensorProto) -> int | None:
@@ -642,7 +640,6 @@ def _restub_external(skeleton: Skeleton, source: str) -> None:
         ident = len(skeleton.payloads) + 1
         skeleton.payloads[ident] = _external_payload(tensor, ident, base, source, path)
         _make_stub(tensor, ident)
-        skeleton.edited = True
 
 
 def resolve_path(model: onnx.ModelProto, path: str) -> tuple[onnx.TensorProto, str]:
@@ -681,4 +678,3 @@ def _keep_value_reads(skeleton: Skeleton) -> None:
             log.debug("keeping value-read tensor %s inline (%d bytes)",
                       payload.path, payload.nbytes)
             _unstub(tensor, payload)
-            skeleton.edited = True

@@ -69,12 +69,6 @@ class OutputPlan:
     def model_size(self) -> int:
         return self.model.length
 
-    @property
-    def payload_bytes(self) -> int:
-        return sum(p.nbytes for _, p in self.sidecar) + sum(
-            piece.size for piece in self.model.pieces if isinstance(piece, PayloadRef)
-        )
-
 
 @dataclass(frozen=True)
 class ChecksumSlot:
