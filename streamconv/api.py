@@ -19,7 +19,19 @@ from typing import Any
 from .errors import ConversionError, OutputError, StreamconvError, UsageError, WireFormatError
 from .scan import map_file
 from .skeleton import MARKER, Payload, Skeleton, analyze_skeleton, build_skeleton, scan_payloads
-from .splice import INLINE_LIMIT, OutputPlan, SidecarWriter, plan_output, write_plan
+from .splice import (
+    INLINE_LIMIT,
+    OutputPlan,
+    Prefix,
+    SidecarWriter,
+    Tail,
+    plan_output,
+    plan_prefix,
+    plan_tail,
+    split_converted,
+    write_plan,
+)
+from .writer import Background, write_pieces
 
 __all__ = ["LAYOUTS", "Report", "convert", "roundtrip"]
 
@@ -211,6 +223,45 @@ def _check(converted: bytes, skeleton: Skeleton, workdir: str, notes: list[str])
     raise ConversionError(f"the converted model fails onnx.checker: {summary}")
 
 
+def _weights_first_tail(
+    converted: bytes, skeleton: Skeleton, prefix: Prefix, layout: str, allow_duplicates: bool
+) -> Tail | None:
+    """Plan what follows an inline output's prefix, or None when the prefix no longer fits.
+
+    The prefix holds the graph's initializers as they were scanned; it stands
+    only if conversion left every one of them as it was, in the same place.
+    """
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    parts = split_converted(converted, len(prefix.tensors))
+    if parts is None:
+        log.info("conversion dropped initializers; writing the output in one pass")
+        return None
+    first, graph_rest, model_rest = parts
+    for index, (before, after) in enumerate(zip(prefix.tensors, first, strict=True)):
+        if before == after:
+            continue
+        try:
+            same = onnx.TensorProto.FromString(before) == onnx.TensorProto.FromString(after)
+        except DecodeError:
+            same = False
+        if not same:
+            log.info("initializer %d changed in conversion; writing the output in one pass",
+                     index)
+            return None
+    if not prefix.ids <= set(skeleton.payloads):
+        return None
+    tail = plan_tail(graph_rest, model_rest, skeleton.payloads, prefix,
+                     allow_duplicates=allow_duplicates)
+    graph_length = prefix.length + tail.graph.length
+    if graph_length >= 1 << (7 * prefix.width):
+        return None
+    if layout == "auto" and prefix.header_size + graph_length + tail.model.length > INLINE_LIMIT:
+        return None  # auto means external past 2 GiB
+    return tail
+
+
 def convert(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
@@ -279,6 +330,12 @@ def convert(
                 data_name, [p for p in payloads.values() if p.nbytes >= EARLY_MIN],
                 align=align, checksum=checksum,
             )
+        else:
+            # Inline: the graph's initializers go first, so their payloads can
+            # move now too (see splice.plan_prefix).
+            prefix = plan_prefix(data, payloads)
+            if prefix is not None and prefix.payload_bytes >= EARLY_MIN:
+                job.start_prefix(os.path.basename(dst), prefix)
         converter = _load_onnx()
         target = (
             converter.validate_target(opset) if opset is not None else converter.max_opset()
@@ -303,24 +360,34 @@ def convert(
             raise WireFormatError("a name or string in the model is not valid UTF-8",
                                   file=src) from e
         skeleton_bytes = result.model.SerializeToString()
-        early = job.sidecar
-        plan = plan_output(
-            skeleton_bytes, skeleton.payloads, layout,
-            data_name=data_name, align=align, align_min=ALIGN_MIN, checksum=checksum,
-            allow_duplicates=inline_functions,
-            reuse_dir=os.path.dirname(os.path.abspath(dst)) if reuse_data else None,
-            preplaced=early.offsets if early else None, start=early.end if early else 0,
-        )
-        if early is not None:
-            dead = set(early.offsets) - set(skeleton.payloads)
-            if dead:
-                log.info("%d payload(s) copied early were kept inline after all", len(dead))
-        if layout == "inline" and plan.model_size > INLINE_LIMIT:
-            log.info("inline output of %d bytes exceeds 2 GiB; only streaming readers can load it",
-                     plan.model_size)
         if check:
             _check(skeleton_bytes, skeleton, job.out.path, result.notes)
-        written = job.write(plan, os.path.basename(dst))
+        tail = None
+        if job.prefix is not None:
+            tail = _weights_first_tail(skeleton_bytes, skeleton, job.prefix, layout,
+                                       inline_functions)
+            if tail is None:
+                job.discard_prefix()
+        if tail is not None:
+            plan = OutputPlan(layout="inline", model=tail.model)
+            written = job.write_weights_first(tail, os.path.basename(dst))
+        else:
+            early = job.sidecar
+            plan = plan_output(
+                skeleton_bytes, skeleton.payloads, layout,
+                data_name=data_name, align=align, align_min=ALIGN_MIN, checksum=checksum,
+                allow_duplicates=inline_functions,
+                reuse_dir=os.path.dirname(os.path.abspath(dst)) if reuse_data else None,
+                preplaced=early.offsets if early else None, start=early.end if early else 0,
+            )
+            if early is not None:
+                dead = set(early.offsets) - set(skeleton.payloads)
+                if dead:
+                    log.info("%d payload(s) copied early were kept inline after all", len(dead))
+            if layout == "inline" and plan.model_size > INLINE_LIMIT:
+                log.info("inline output of %d bytes exceeds 2 GiB; only streaming readers can "
+                         "load it", plan.model_size)
+            written = job.write(plan, os.path.basename(dst))
     except ConversionError as e:
         raise e.with_file(src) from e.__cause__
     except OutputError as e:
@@ -360,6 +427,11 @@ class _Job:
         self.sidecar: SidecarWriter | None = None
         self.data_name: str | None = None
         self.data_fd: int | None = None
+        #: inline output written weights first: the planned prefix, its file and copy
+        self.prefix: Prefix | None = None
+        self.model_name: str | None = None
+        self.model_fd: int | None = None
+        self.early: Background | None = None
         self.done = 0
         self.total = 0
 
@@ -393,6 +465,60 @@ class _Job:
                                      checksum=checksum, progress=self.step)
         self.total = self.sidecar.end
         self.sidecar.start()
+
+    def start_prefix(self, name: str, prefix: Prefix) -> None:
+        """Create the inline output and start writing *prefix* after its header."""
+        path = self.out.file(name)
+        try:
+            self.model_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except OSError as e:
+            raise OutputError(f"cannot create the output: {e.strerror}") from e
+        self.model_name = name
+        self.prefix = prefix
+        os.lseek(self.model_fd, prefix.header_size, os.SEEK_SET)
+        self.total = prefix.header_size + prefix.length
+        self.early = Background(self.model_fd, prefix.pieces, progress=self.step)
+        self.early.start()
+
+    def discard_prefix(self) -> None:
+        """Abandon the weights-first output (conversion changed what it starts with)."""
+        if self.early is not None:
+            self.early.stop()
+            self.early = None
+        if self.model_fd is not None:
+            os.close(self.model_fd)
+            self.model_fd = None
+        if self.model_name is not None:
+            os.unlink(self.out.file(self.model_name))
+            self.model_name = None
+        self.prefix = None
+        self.done = 0
+
+    def write_weights_first(self, tail: Tail, name: str) -> int:
+        """Finish the weights-first output: the rest, then the graph's length; publish."""
+        assert self.prefix is not None and self.early is not None
+        assert self.model_fd is not None and name == self.model_name
+        prefix = self.prefix
+        graph_length = prefix.length + tail.graph.length
+        self.total = prefix.header_size + graph_length + tail.model.length
+        self.early.finish()
+        self.early = None
+        try:
+            write_pieces(self.model_fd, [*tail.graph.pieces, *tail.model.pieces], self.step)
+            header = prefix.header(graph_length)
+            if os.pwrite(self.model_fd, header, 0) != len(header):
+                raise OSError(0, "short write")
+            self.step(len(header))
+        except OSError as e:
+            raise OutputError(f"writing the output failed: {e.strerror or e}") from e
+        finally:
+            os.close(self.model_fd)
+            self.model_fd = None
+        try:
+            self.out.publish(name)
+        except OSError as e:
+            raise OutputError(f"cannot move the output into place: {e.strerror}") from e
+        return self.total
 
     def write(self, plan: OutputPlan, name: str) -> int:
         """Write *plan* into the temporary folder, then publish; return bytes written."""
@@ -430,6 +556,12 @@ class _Job:
         """Stop any background copy and remove the temporary folder."""
         if self.sidecar is not None:
             self.sidecar.stop()
+        if self.early is not None:
+            self.early.stop()
+            self.early = None
+        if self.model_fd is not None:
+            os.close(self.model_fd)
+            self.model_fd = None
         if self.data_fd is not None:
             os.close(self.data_fd)
             self.data_fd = None

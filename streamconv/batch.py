@@ -887,8 +887,14 @@ class _Slot:
 
     def kill(self) -> None:
         """End the process and remove its staging folder, whatever it held."""
-        if self.proc.poll() is None:
-            self.proc.kill()
+        alive = self.proc.poll() is None
+        try:
+            # the worker leads its own process group: this also ends a copy
+            # process it forked, even when the worker itself already died
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (OSError, AttributeError):
+            if alive:
+                self.proc.kill()
         self.join(_JOIN_SECONDS)
         self.conn.close()
         shutil.rmtree(self.staging, ignore_errors=True)

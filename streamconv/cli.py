@@ -91,6 +91,9 @@ def progress_bar(quiet: bool, desc: str) -> tuple[Any, Any]:
         return None, None
     from tqdm import tqdm
 
+    # no monitor thread: payloads are copied by a forked process only while
+    # the program is single-threaded
+    tqdm.monitor_interval = 0
     bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
                leave=False, file=sys.stderr)
 

@@ -8,48 +8,37 @@ then to a bounded buffer); they never become one Python object.
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import os
-import signal
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import fields as F
-from .errors import ConversionError, ExternalDataError, OutputError
+from .errors import ConversionError, OutputError
 from .scan import Hooks, Path, Rewrite, format_path, parse_tensor_fields, rewrite_message
-from .skeleton import MARKER, MARKER_BYTES, Payload, iter_raw_chunks
+from .skeleton import MARKER, MARKER_BYTES, Payload
 from .wire import encode_len_header, encode_tag, encode_varint, read_field
+from .writer import Background, Gap, PayloadRef, write_pieces
 
 __all__ = [
     "INLINE_LIMIT",
     "OutputPlan",
     "PayloadRef",
+    "Prefix",
     "SidecarWriter",
+    "Tail",
+    "encode_padded_varint",
     "plan_output",
+    "plan_prefix",
+    "plan_tail",
+    "split_converted",
     "write_plan",
 ]
 
 #: Largest message protobuf will parse (2 GiB - 1).
 INLINE_LIMIT = (1 << 31) - 1
-COPY_CHUNK = 64 << 20
-ZEROS = bytes(1 << 16)
 
 Progress = Callable[[int], None]
-
-
-@dataclass(frozen=True)
-class PayloadRef:
-    """A payload written in place of a stub: ``copy`` as stored, or as ``raw`` bytes."""
-
-    payload: Payload
-    mode: str
-
-    @property
-    def size(self) -> int:
-        return self.payload.length if self.mode == "copy" else self.payload.nbytes
 
 
 @dataclass
@@ -268,150 +257,31 @@ def plan_output(
     return plan
 
 
-class _Sources:
-    """Open file descriptors of payload sources, by path."""
-
-    def __init__(self) -> None:
-        self.fds: dict[str, int] = {}
-
-    def fd(self, path: str) -> int:
-        if path not in self.fds:
-            try:
-                self.fds[path] = os.open(path, os.O_RDONLY)
-            except OSError as e:
-                raise ExternalDataError(f"cannot open: {e.strerror}", file=path) from e
-        return self.fds[path]
-
-    def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear()
-
-
-def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
-_FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
-
-
-def _dirty_budget() -> int:
-    """Bytes that can be written before the kernel starts background writeback.
-
-    Buffered writes beyond it are throttled harder than in-kernel copies.
-    """
-    try:
-        with open("/proc/sys/vm/dirty_background_ratio") as f:
-            ratio = int(f.read())
-        with open("/proc/meminfo") as f:
-            available = next(int(line.split()[1]) * 1024 for line in f
-                             if line.startswith("MemAvailable:"))
-    except (OSError, ValueError, StopIteration):
-        return 0
-    return available * ratio // 100
-
-
-class _Copier:
-    """File-to-file copies: copy_file_range, then sendfile, then a buffer.
-
-    copy_file_range between offsets that differ modulo the page size is much
-    slower on common file systems than a read/write loop through one reused
-    buffer (measured 1.5x on ext4), as long as the written data stays below
-    the writeback threshold; such copies take the loop.
-    """
-
-    def __init__(self) -> None:
-        self.method = "copy_file_range" if hasattr(os, "copy_file_range") else "sendfile"
-        self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-        self.budget = _dirty_budget()
-        self.buffer = bytearray(1 << 20)
-
-    def copy(self, src: int, dst: int, offset: int, length: int, progress: Progress) -> None:
-        end = offset + length
-        pos = offset
-        looped = False
-        if self.budget >= length and (offset - os.lseek(dst, 0, os.SEEK_CUR)) % self.page:
-            self.budget -= length
-            looped = True
-        while pos < end:
-            want = min(COPY_CHUNK, end - pos)
-            n = self._loop_some(src, dst, pos, want) if looped else self._copy_some(
-                src, dst, pos, want
-            )
-            if n == 0:
-                raise ExternalDataError(
-                    f"source ended at byte {pos}, {end - pos} bytes short of the payload"
-                )
-            pos += n
-            progress(n)
-
-    def _copy_some(self, src: int, dst: int, pos: int, want: int) -> int:
-        # Each method falls through to the next where the kernel or file system refuses it.
-        for method, call, fallback in (
-            ("copy_file_range", lambda: os.copy_file_range(src, dst, want, pos), "sendfile"),
-            ("sendfile", lambda: os.sendfile(dst, src, pos, want), "buffer"),
-        ):
-            if self.method == method:
-                try:
-                    return call()
-                except OSError as e:
-                    if e.errno not in _FALLBACK_ERRNOS:
-                        raise
-                    self.method = fallback
-        return self._loop_some(src, dst, pos, want)
-
-    def _loop_some(self, src: int, dst: int, pos: int, want: int) -> int:
-        view = memoryview(self.buffer)
-        done = 0
-        while done < want:
-            n = os.preadv(src, [view[: min(len(view), want - done)]], pos + done)
-            if n == 0:
-                break
-            _write_all(dst, view[:n])
-            done += n
-        return done
-
-
-def _write_payload(
-    ref_payload: Payload,
-    mode: str,
-    fd: int,
-    sources: _Sources,
-    copier: _Copier,
-    progress: Progress,
-    digest: Any = None,
-) -> None:
-    src = sources.fd(ref_payload.source)
-    if digest is None and (mode == "copy" or ref_payload.encoding != "varint"):
-        try:
-            copier.copy(src, fd, ref_payload.offset, ref_payload.length, progress)
-        except ExternalDataError as e:
-            e.file = e.file or ref_payload.source
-            e.path = e.path or ref_payload.path
-            raise
-        return
-    for chunk in iter_raw_chunks(ref_payload, src):
-        if digest is not None:
-            digest.update(chunk)
-        _write_all(fd, chunk)
-        progress(len(chunk))
-
-
 def _align(offset: int, payload: Payload, align: int, align_min: int) -> int:
     if payload.nbytes >= align_min and align > 1:
         return -(-offset // align) * align
     return offset
 
 
-class SidecarWriter(threading.Thread):
+def _sidecar_pieces(placed: list[tuple[int, Payload]], start: int) -> list[Any]:
+    """Gaps and payloads that put each payload at its offset in a data file, from *start*."""
+    pieces: list[Any] = []
+    cursor = start
+    for offset, payload in placed:
+        if offset > cursor:
+            pieces.append(Gap(offset - cursor))
+        pieces.append(PayloadRef(payload, "raw"))
+        cursor = offset + payload.nbytes
+    return pieces
+
+
+class SidecarWriter:
     """Copies payloads into the data file in the background, in id order.
 
     Offsets are assigned up front (``offsets``, ``end``), so the skeleton can
-    be converted and planned while the bytes move; the copy runs in the
-    kernel and releases the GIL.  ``finish()`` waits and re-raises any error.
+    be converted and planned while the bytes move.  ``finish()`` waits and
+    re-raises any error; ``digests`` then holds the SHA-1 of each payload
+    when *checksum* was asked for.
     """
 
     def __init__(
@@ -424,66 +294,40 @@ class SidecarWriter(threading.Thread):
         checksum: bool,
         progress: Progress | None,
     ) -> None:
-        super().__init__(name="streamconv-sidecar", daemon=True)
-        self.payloads = sorted(payloads, key=lambda p: p.id)
-        self.fd = fd
-        self.checksum = checksum
-        self.progress = progress or (lambda n: None)
         self.offsets: dict[int, int] = {}
         self.digests: dict[int, str] = {}
+        placed = []
         cursor = 0
-        for payload in self.payloads:
+        for payload in sorted(payloads, key=lambda p: p.id):
             cursor = _align(cursor, payload, align, align_min)
             self.offsets[payload.id] = cursor
+            placed.append((cursor, payload))
             cursor += payload.nbytes
         self.end = cursor
-        self.error: BaseException | None = None
-        self._stop_event = threading.Event()
+        ids = frozenset(self.offsets) if checksum else frozenset()
+        self._background = Background(fd, _sidecar_pieces(placed, 0), digest_ids=ids,
+                                      progress=progress)
 
-    def run(self) -> None:
-        if hasattr(signal, "pthread_sigmask"):
-            # signals belong to the main thread, which cleans up
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        sources = _Sources()
-        copier = _Copier()
-        cursor = 0
-        try:
-            for payload in self.payloads:
-                if self._stop_event.is_set():
-                    return
-                cursor = _pad(self.fd, cursor, self.offsets[payload.id])
-                digest = hashlib.sha1(usedforsecurity=False) if self.checksum else None
-                _write_payload(payload, "raw", self.fd, sources, copier, self.progress, digest)
-                if digest is not None:
-                    self.digests[payload.id] = digest.hexdigest()
-                cursor += payload.nbytes
-        except BaseException as e:  # handed to the main thread by finish()
-            self.error = e
-        finally:
-            sources.close()
+    @property
+    def mode(self) -> str:
+        """``process`` or ``thread``: where the copy runs."""
+        return self._background.mode
 
-    def stop(self) -> None:
-        """Ask the copy to stop after the current chunk; wait for it."""
-        self._stop_event.set()
-        if self.is_alive():
-            self.join()
+    def start(self) -> None:
+        self._background.start()
 
     def finish(self) -> None:
         """Wait for every payload to be written; raise what went wrong."""
-        self.join()
-        if isinstance(self.error, OSError):
-            raise OutputError(f"writing the output failed: {self.error.strerror or self.error}") \
-                from self.error
-        if self.error is not None:
-            raise self.error
+        self.digests = self._background.finish()
+
+    def stop(self) -> None:
+        """Abandon the copy; wait for the worker to end."""
+        self._background.stop()
 
 
-def _pad(fd: int, cursor: int, offset: int) -> int:
-    while cursor < offset:
-        gap = min(len(ZEROS), offset - cursor)
-        _write_all(fd, ZEROS[:gap])
-        cursor += gap
-    return cursor
+def _resolve_checksums(pieces: list[Any], digests: dict[int, str]) -> list[Any]:
+    return [_entry("checksum", digests[p.payload.id]) if isinstance(p, ChecksumSlot) else p
+            for p in pieces]
 
 
 def write_plan(
@@ -501,32 +345,198 @@ def write_plan(
     payload source is shorter than recorded.
     """
     report = progress or (lambda n: None)
-    sources = _Sources()
-    copier = _Copier()
     wants_digest = any(isinstance(piece, ChecksumSlot) for piece in plan.model.pieces)
     digests = dict(digests or {})
     try:
         if plan.sidecar:
             assert data_fd is not None
-            cursor = plan.sidecar_start
-            for offset, payload in plan.sidecar:
-                cursor = _pad(data_fd, cursor, offset)
-                digest = hashlib.sha1(usedforsecurity=False) if wants_digest else None
-                _write_payload(payload, "raw", data_fd, sources, copier, report, digest)
-                if digest is not None:
-                    digests[payload.id] = digest.hexdigest()
-                cursor += payload.nbytes
-        for piece in plan.model.pieces:
-            if isinstance(piece, PayloadRef):
-                _write_payload(piece.payload, piece.mode, model_fd, sources, copier, report)
-            elif isinstance(piece, ChecksumSlot):
-                data = _entry("checksum", digests[piece.payload.id])
-                _write_all(model_fd, data)
-                report(len(data))
-            else:
-                _write_all(model_fd, piece)
-                report(len(piece))
+            ids = frozenset(p.id for _, p in plan.sidecar) if wants_digest else frozenset()
+            digests.update(write_pieces(
+                data_fd, _sidecar_pieces(plan.sidecar, plan.sidecar_start), report,
+                digest_ids=ids,
+            ))
+        write_pieces(model_fd, _resolve_checksums(plan.model.pieces, digests), report)
     except OSError as e:
         raise OutputError(f"writing the output failed: {e.strerror or e}") from e
-    finally:
-        sources.close()
+
+
+# -- inline output, weights first ---------------------------------------------
+#
+# An inline model is normally written in one pass after conversion, because
+# the converted skeleton decides where every payload lands.  Fields of a
+# protobuf message may come in any order, though, so the output can start
+# with the graph field holding the graph's initializers, whose bytes are known
+# as soon as the input is scanned.  Their payloads are copied while onnx
+# loads and converts; the rest of the graph and the model's other fields
+# follow, and the graph's length, reserved as a varint padded to a fixed
+# width, is written last.  If conversion changed any of those initializers
+# the output is written the usual way instead.
+
+
+def encode_padded_varint(value: int, width: int) -> bytes:
+    """*value* as a varint of exactly *width* bytes (continuation bits as padding).
+
+    Raises ValueError if it does not fit.
+    """
+    if value < 0 or width < 1 or width > 10 or value >= 1 << (7 * width):
+        raise ValueError(f"{value} does not fit in a {width}-byte varint")
+    out = bytearray()
+    for i in range(width):
+        byte = (value >> (7 * i)) & 0x7F
+        out.append(byte | (0x80 if i < width - 1 else 0))
+    return bytes(out)
+
+
+@dataclass
+class Prefix:
+    """The graph's initializers, payloads included, as the inline output's first bytes.
+
+    The output starts with the graph field's tag and a length padded to
+    ``width`` bytes (``header_size`` in all), then ``pieces``.  ``tensors``
+    holds each initializer's skeleton bytes (stubs as stubs), so that the
+    converted skeleton can be checked against them.
+    """
+
+    pieces: list[Any]
+    length: int
+    tensors: list[bytes]
+    ids: frozenset[int]
+    payload_bytes: int
+    width: int
+
+    @property
+    def header_size(self) -> int:
+        return 1 + self.width
+
+    def header(self, graph_length: int) -> bytes:
+        """The graph field's tag and padded length, once the length is known."""
+        return encode_tag(F.MODEL_GRAPH, F.WT_LEN) + encode_padded_varint(graph_length, self.width)
+
+
+def _find_field(buf: Any, start: int, end: int, number: int) -> tuple[int, int] | None:
+    pos = start
+    while pos < end:
+        num, wire_type, a, b, pos = read_field(buf, pos, end)
+        if num == number and wire_type == F.WT_LEN:
+            return a, b
+    return None
+
+
+def _is_external(fields: list[Any]) -> bool:
+    return any(f.number == F.TENSOR_EXTERNAL_DATA or (
+        f.number == F.TENSOR_DATA_LOCATION and f.wire_type == F.WT_VARINT
+        and f.value == F.DATA_LOCATION_EXTERNAL) for f in fields)
+
+
+def plan_prefix(data: bytes, payloads: dict[int, Payload]) -> Prefix | None:
+    """Plan the inline output's first bytes from the scanned skeleton *data*.
+
+    Returns None when there is nothing worth writing early (no payload among
+    the graph's initializers) or when an initializer refers to the input's
+    own external data (those are only resolved after onnx loads).
+    """
+    graph = _find_field(data, 0, len(data), F.MODEL_GRAPH)
+    if graph is None:
+        return None
+    splicer = _Splicer(payloads, "inline", None, 1, 1, False, False, False, None)
+    pieces = Rewrite()
+    tensors: list[bytes] = []
+    pos, end = graph
+    try:
+        while pos < end:
+            number, wire_type, a, b, pos = read_field(data, pos, end)
+            if number != F.GRAPH_INITIALIZER or wire_type != F.WT_LEN:
+                continue
+            new = splicer.tensor(data, a, b, ("graph", f"initializer[{len(tensors)}]"))
+            if new is None:
+                if _is_external(parse_tensor_fields(data, a, b)):
+                    return None
+                new = Rewrite()
+                new.add(data[a:b])
+            pieces.add(encode_len_header(F.GRAPH_INITIALIZER, new.length))
+            pieces.extend(new)
+            tensors.append(bytes(data[a:b]))
+    except ConversionError:  # a stub seen twice: left to the usual path to report
+        return None
+    payload_bytes = sum(payloads[i].nbytes for i in splicer.seen)
+    if not payload_bytes:
+        return None
+    # 5 bytes hold lengths up to 32 GiB, and are what protobuf's C++ parser
+    # reads for a length; beyond that the full 10.
+    width = 5 if pieces.length < 1 << 34 else 10
+    return Prefix(pieces.pieces, pieces.length, tensors, frozenset(splicer.seen),
+                  payload_bytes, width)
+
+
+def split_converted(model: bytes, count: int) -> tuple[list[bytes], bytes, bytes] | None:
+    """Split a serialized model into its graph's first *count* initializers (their
+    contents), the rest of the graph, and the model's other fields.
+
+    Returns None when the model has no graph or fewer initializers.
+    """
+    graph: tuple[int, int] | None = None
+    rest = bytearray()
+    pos = 0
+    while pos < len(model):
+        field_start = pos
+        number, wire_type, a, b, pos = read_field(model, pos, len(model))
+        if number == F.MODEL_GRAPH and wire_type == F.WT_LEN and graph is None:
+            graph = (a, b)
+        else:
+            rest += model[field_start:pos]
+    if graph is None:
+        return None
+    first: list[bytes] = []
+    graph_rest = bytearray()
+    pos, end = graph
+    while pos < end:
+        field_start = pos
+        number, wire_type, a, b, pos = read_field(model, pos, end)
+        if number == F.GRAPH_INITIALIZER and wire_type == F.WT_LEN and len(first) < count:
+            first.append(model[a:b])
+        else:
+            graph_rest += model[field_start:pos]
+    if len(first) < count:
+        return None
+    return first, bytes(graph_rest), bytes(rest)
+
+
+@dataclass
+class Tail:
+    """What follows the prefix: the rest of the graph, then the model's other fields."""
+
+    graph: Rewrite
+    model: Rewrite
+
+
+def plan_tail(
+    graph_rest: bytes,
+    model_rest: bytes,
+    payloads: dict[int, Payload],
+    prefix: Prefix,
+    *,
+    allow_duplicates: bool = False,
+) -> Tail:
+    """Plan the inline output after *prefix*, every other stub replaced by its payload.
+
+    Raises ConversionError if a stub is lost or appears twice (unless
+    *allow_duplicates*).
+    """
+    splicer = _Splicer(payloads, "inline", None, 1, 1, False, False, allow_duplicates, None)
+    splicer.seen.update(prefix.ids)
+    hooks = Hooks(enter=splicer.enter, tensor=splicer.tensor)
+    parts = []
+    for data, kind in ((graph_rest, "graph"), (model_rest, "model")):
+        path = ("graph",) if kind == "graph" else ()
+        new = rewrite_message(data, 0, len(data), kind, path, hooks)
+        if new is None:
+            new = Rewrite()
+            new.add(data)
+        parts.append(new)
+    missing = sorted(set(payloads) - splicer.seen)
+    if missing:
+        lost = payloads[missing[0]]
+        raise ConversionError(
+            f"{len(missing)} tensor(s) lost in conversion, first '{lost.name}' ({lost.path})"
+        )
+    return Tail(graph=parts[0], model=parts[1])
