@@ -17,6 +17,7 @@ go to ``bench/results/`` (bench.csv, nodes.csv, runs.csv, bench.png).
 from __future__ import annotations
 
 import argparse
+import compileall
 import logging
 import os
 import shutil
@@ -214,6 +215,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     node_counts = [] if args.no_nodes else (
         args.nodes or list(QUICK_NODES if args.quick else DEFAULT_NODES))
     log.info("streamconv source %s", source_version())
+    # A regular installation byte-compiles the package; an editable one where
+    # PYTHONDONTWRITEBYTECODE is set would compile it again in every run.
+    compileall.compile_dir(str(REPO / "streamconv"), quiet=1)
     workdir = Path(tempfile.mkdtemp(prefix="streamconv-bench-", dir=args.workdir))
     runs: list[Run] = []
     sizes: list[Summary] = []

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
-import shutil
 import signal
 import stat
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -109,7 +106,7 @@ class _OutputDir:
         self.folder = folder
         # the name is known before the folder exists, so an interruption at any
         # point leaves nothing the clean-up does not know about
-        self.path = os.path.join(folder, f".streamconv-{secrets.token_hex(8)}")
+        self.path = os.path.join(folder, f".streamconv-{os.urandom(8).hex()}")
 
     def create(self) -> None:
         try:
@@ -129,6 +126,8 @@ class _OutputDir:
         return final
 
     def cleanup(self) -> None:
+        import shutil
+
         shutil.rmtree(self.path, ignore_errors=True)
 
 
@@ -186,6 +185,9 @@ def _checker_error(model_bytes: bytes, payloads: dict[int, Any], workdir: str) -
     payload's size in a scratch folder, so the check costs what the skeleton
     costs, whatever the size of the weights.
     """
+    import shutil
+    import tempfile
+
     import onnx
 
     folder = tempfile.mkdtemp(prefix="check-", dir=workdir)
@@ -475,9 +477,9 @@ class _Job:
             raise OutputError(f"cannot create the output: {e.strerror}") from e
         self.model_name = name
         self.prefix = prefix
-        os.lseek(self.model_fd, prefix.header_size, os.SEEK_SET)
         self.total = prefix.header_size + prefix.length
-        self.early = Background(self.model_fd, prefix.pieces, progress=self.step)
+        self.early = Background(self.model_fd, prefix.pieces, start=prefix.header_size,
+                                progress=self.step)
         self.early.start()
 
     def discard_prefix(self) -> None:

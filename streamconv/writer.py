@@ -16,8 +16,7 @@ process copies at full speed on the other core.  Elsewhere it runs in a thread.
 from __future__ import annotations
 
 import errno
-import hashlib
-import json
+import logging
 import mmap
 import os
 import select
@@ -51,9 +50,10 @@ COPY_CHUNK = 64 << 20
 #: (Linux 6.18, ext4) once memory is fragmented.
 BUFFER_SIZE = (1 << 20) - (1 << 12)
 ZEROS = bytes(1 << 16)
-_REPORT_AT = 16
 
 Progress = Callable[[int], None]
+
+log = logging.getLogger(__name__)
 
 #: Run background writes in a forked process when the caller is single-threaded.
 #: (Tests switch this off to exercise the thread.)
@@ -231,6 +231,8 @@ def write_pieces(
     asked before every piece; when it says so the write ends early.  Raises
     OSError when writing fails and ExternalDataError when a source is short.
     """
+    import hashlib
+
     sources = Sources()
     copier = Copier()
     digests: dict[int, str] = {}
@@ -277,14 +279,171 @@ def _error_from_record(record: dict[str, Any]) -> BaseException:
     return RuntimeError(f"the background copy failed: {record.get('text')}")
 
 
-class Background:
-    """Write *pieces* to *fd* (from its current position) while the caller goes on.
+@dataclass(frozen=True)
+class _Unit:
+    """One share of a background write, at a fixed place in the output.
 
-    ``start()`` begins, ``finish()`` waits and returns the payload digests
-    asked for (raising what went wrong: OutputError for a failed write,
-    ExternalDataError for a short source), ``stop()`` abandons the write.
-    *progress* receives byte counts, from the calling thread, while
-    ``finish()`` waits (and from the worker thread in thread mode).
+    Either bytes, or a stretch of a payload copied as stored (``whole`` False),
+    or a whole payload that must be produced in order (decoded varints, or a
+    digest to compute).  Doing a unit twice writes the same bytes twice, so
+    the two writers need no lock (see :class:`Background`).
+    """
+
+    offset: int
+    data: bytes | None = None
+    ref: PayloadRef | None = None
+    source_offset: int = 0
+    length: int = 0
+    whole: bool = False
+
+
+#: Size of the payload stretches the two writers share out.
+UNIT = 32 << 20
+
+
+def _units(pieces: list[Any], start: int, digest_ids: frozenset[int]) -> tuple[list[_Unit], int]:
+    """Cut *pieces*, laid out from *start*, into units; return them and the end offset.
+
+    Gaps become holes (they read back as zeros).
+    """
+    units: list[_Unit] = []
+    pos = start
+    for piece in pieces:
+        if isinstance(piece, PayloadRef):
+            payload = piece.payload
+            if payload.id in digest_ids or (piece.mode == "raw" and payload.encoding == "varint"):
+                units.append(_Unit(pos, ref=piece, whole=True))
+            else:
+                for k in range(0, payload.length, UNIT):
+                    n = min(UNIT, payload.length - k)
+                    units.append(_Unit(pos + k, ref=piece, source_offset=payload.offset + k,
+                                       length=n))
+            pos += piece.size
+        elif isinstance(piece, Gap):
+            pos += piece.size
+        else:
+            units.append(_Unit(pos, data=bytes(piece)))
+            pos += len(piece)
+    return units, pos
+
+
+def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+class _UnitWriter:
+    """Does units: payload stretches at explicit offsets, whole payloads in order."""
+
+    def __init__(self, fd: int, progress: Progress, want_digests: frozenset[int]) -> None:
+        self.fd = fd
+        self.progress = progress
+        self.want_digests = want_digests
+        self.sources = Sources()
+        self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        self.budget = _dirty_budget()
+        self.buffer = bytearray(BUFFER_SIZE)
+        self.kernel_copy = hasattr(os, "copy_file_range")
+        self.digests: dict[int, str] = {}
+
+    def do(self, unit: _Unit) -> None:
+        if unit.data is not None:
+            _pwrite_all(self.fd, unit.data, unit.offset)
+            self.progress(len(unit.data))
+            return
+        assert unit.ref is not None
+        payload = unit.ref.payload
+        try:
+            src = self.sources.fd(payload.source)
+            if unit.whole:
+                self._whole(unit.ref, src, unit.offset)
+            else:
+                self._stretch(src, unit.source_offset, unit.offset, unit.length)
+        except ExternalDataError as e:
+            e.file = e.file or payload.source
+            e.path = e.path or payload.path
+            raise
+
+    def _whole(self, ref: PayloadRef, src: int, offset: int) -> None:
+        digest = None
+        if ref.payload.id in self.want_digests:
+            import hashlib
+
+            digest = hashlib.sha1(usedforsecurity=False)
+        for chunk in iter_raw_chunks(ref.payload, src):
+            if digest is not None:
+                digest.update(chunk)
+            _pwrite_all(self.fd, chunk, offset)
+            offset += len(chunk)
+            self.progress(len(chunk))
+        if digest is not None:
+            self.digests[ref.payload.id] = digest.hexdigest()
+
+    def _stretch(self, src: int, src_pos: int, dst_pos: int, length: int) -> None:
+        # as Copier.copy: the loop where offsets disagree modulo the page size
+        looped = not self.kernel_copy
+        if not looped and self.budget >= length and (src_pos - dst_pos) % self.page:
+            self.budget -= length
+            looped = True
+        end = src_pos + length
+        view = memoryview(self.buffer)
+        while src_pos < end:
+            want = end - src_pos
+            if not looped:
+                try:
+                    n = os.copy_file_range(src, self.fd, want, src_pos, dst_pos)
+                except OSError as e:
+                    if e.errno not in _FALLBACK_ERRNOS:
+                        raise
+                    self.kernel_copy = False
+                    looped = True
+                    continue
+            else:
+                n = os.preadv(src, [view[:min(len(view), want)]], src_pos)
+                if n:
+                    _pwrite_all(self.fd, view[:n], dst_pos)
+            if n == 0:
+                raise ExternalDataError(
+                    f"source ended at byte {src_pos}, {end - src_pos} bytes short of the payload"
+                )
+            src_pos += n
+            dst_pos += n
+            self.progress(n)
+
+    def close(self) -> None:
+        self.sources.close()
+
+
+# Shared state of a background write (an anonymous shared mapping in process
+# mode): the next unit the worker takes (front), the lowest unit the caller
+# took (back), bytes the worker wrote, then the worker's report.
+_FRONT, _BACK, _DONE, _REPORT_LEN, _REPORT_AT = 0, 8, 16, 24, 32
+
+
+def _get(state: Any, at: int) -> int:
+    return int(struct.unpack_from("<q", state, at)[0])
+
+
+def _set(state: Any, at: int, value: int) -> None:
+    struct.pack_into("<q", state, at, value)
+
+
+class Background:
+    """Write *pieces* to *fd*, laid out from offset *start*, while the caller goes on.
+
+    ``start()`` begins; ``finish()`` joins in, taking units from the end while
+    the worker takes them from the front, waits, leaves *fd* positioned at
+    the end of the pieces and returns the payload digests asked for (raising
+    what went wrong: OutputError for a failed write, ExternalDataError for a
+    short source); ``stop()`` abandons the write.  *progress* receives byte
+    counts, from the calling thread while ``finish()`` runs (and from the
+    worker thread in thread mode).
+
+    The worker and the caller each publish their own position only; when both
+    take the same last unit they write the same bytes, which is harmless.
     """
 
     def __init__(
@@ -292,57 +451,82 @@ class Background:
         fd: int,
         pieces: list[Any],
         *,
+        start: int = 0,
         digest_ids: frozenset[int] = frozenset(),
         progress: Progress | None = None,
     ) -> None:
         self.fd = fd
-        self.pieces = pieces
+        self.units, self.end = _units(pieces, start, digest_ids)
+        self.span = self.end - start
+        self.total = sum(u.ref.size if u.whole and u.ref else
+                         len(u.data) if u.data is not None else u.length for u in self.units)
         self.digest_ids = digest_ids
         self.progress = progress or (lambda n: None)
         self.digests: dict[int, str] = {}
         self.mode = ""
         self._pid = 0
         self._pipe = -1
-        self._counter: mmap.mmap | None = None
+        self._state: Any = None
         self._reported = 0
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        self._stop = threading.Event()
+        self._stopped = False
 
     def start(self) -> None:
+        refs = sum(u.whole for u in self.units)
+        size = _REPORT_AT + (1 << 16) + 64 * refs
         if FORK and threading.active_count() == 1:
-            self._start_process()
-        else:
-            self._start_thread()
-
-    # -- thread mode ---------------------------------------------------------
-
-    def _start_thread(self) -> None:
+            try:
+                self._state = mmap.mmap(-1, size)
+                _set(self._state, _BACK, len(self.units))
+                self._start_process()
+                self.mode = "process"
+                return
+            except OSError as e:  # no memory or processes to spare: a thread does it
+                log.debug("cannot fork a copy process (%s); copying in a thread", e)
         self.mode = "thread"
+        self._state = bytearray(size)
+        _set(self._state, _BACK, len(self.units))
         self._thread = threading.Thread(target=self._run_thread, name="streamconv-copy",
                                         daemon=True)
         self._thread.start()
+
+    # -- the worker: units from the front ------------------------------------
+
+    def _work(self, progress: Progress, stop: Callable[[], bool]) -> dict[int, str]:
+        state = self._state
+        writer = _UnitWriter(self.fd, progress, self.digest_ids)
+        try:
+            i = 0
+            while i < _get(state, _BACK) and not stop():
+                _set(state, _FRONT, i + 1)
+                writer.do(self.units[i])
+                i += 1
+        finally:
+            writer.close()
+        return writer.digests
 
     def _run_thread(self) -> None:
         if hasattr(signal, "pthread_sigmask"):
             # signals belong to the main thread, which cleans up
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+        def progress(n: int) -> None:
+            _set(self._state, _DONE, _get(self._state, _DONE) + n)
+
         try:
-            self.digests = write_pieces(self.fd, self.pieces, self.progress,
-                                        digest_ids=self.digest_ids, stop=self._stop.is_set)
+            self.digests.update(self._work(progress, lambda: self._stopped))
         except BaseException as e:  # handed to the caller by finish()
             self._error = e
 
-    # -- process mode --------------------------------------------------------
-
     def _start_process(self) -> None:
-        self.mode = "process"
-        # shared with the child: bytes written so far, then the length and text
-        # of its report (never through a write that could fail like the copy did)
-        refs = sum(isinstance(p, PayloadRef) for p in self.pieces)
-        self._counter = mmap.mmap(-1, _REPORT_AT + (1 << 16) + 64 * refs)
         read_end, write_end = os.pipe()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            os.close(read_end)
+            os.close(write_end)
+            raise
         if pid == 0:  # the child: copy, report, exit without running any clean-up
             status = 1
             try:
@@ -360,64 +544,91 @@ class Background:
         if hasattr(signal, "pthread_sigmask"):
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
         parent = os.getppid()
-        counter = self._counter
-        assert counter is not None
+        state = self._state
         done = 0
 
         def progress(n: int) -> None:
             nonlocal done
             done += n
-            struct.pack_into("<q", counter, 0, done)
+            _set(state, _DONE, done)
 
         def orphaned() -> bool:  # the parent is gone: nobody wants the output
             return os.getppid() != parent
 
         try:
-            digests = write_pieces(self.fd, self.pieces, progress,
-                                   digest_ids=self.digest_ids, stop=orphaned)
+            digests = self._work(progress, orphaned)
             record: dict[str, Any] = {"digests": {str(k): v for k, v in digests.items()}}
             status = 0
         except BaseException as e:
             record = {"error": _error_record(e)}
             status = 1
+        # the report goes through shared memory, never through a write that
+        # could fail the way the copy did
+        import json
+
         report = json.dumps(record).encode()
-        room = len(counter) - _REPORT_AT
-        if len(report) > room:
+        if len(report) > len(state) - _REPORT_AT:
             report = json.dumps({"error": {"kind": "other", "text": "report too long"}}).encode()
-        counter[_REPORT_AT:_REPORT_AT + len(report)] = report
-        struct.pack_into("<q", counter, 8, len(report))
+        state[_REPORT_AT:_REPORT_AT + len(report)] = report
+        _set(state, _REPORT_LEN, len(report))
         return status
 
-    def _report_progress(self) -> None:
-        if self._counter is None:
-            return
-        (done,) = struct.unpack_from("<q", self._counter, 0)
+    # -- the caller: units from the back, then wait ---------------------------
+
+    def _report_progress(self, own: int) -> None:
+        done = min(self.total, _get(self._state, _DONE) + own)
         if done > self._reported:
             self.progress(done - self._reported)
             self._reported = done
+
+    def _help(self) -> None:
+        """Take units from the end until meeting the worker."""
+        state = self._state
+        own = 0
+
+        def progress(n: int) -> None:
+            nonlocal own
+            own += n
+            self._report_progress(own)
+
+        writer = _UnitWriter(self.fd, progress, self.digest_ids)
+        try:
+            j = len(self.units) - 1
+            while j >= _get(state, _FRONT):
+                _set(state, _BACK, j)
+                if _get(state, _FRONT) > j:
+                    break  # the worker took it
+                writer.do(self.units[j])
+                j -= 1
+        finally:
+            writer.close()
+        self.digests.update(writer.digests)
+        self._own = own
+
+    _own = 0
 
     def _wait_process(self) -> None:
         # the pipe's write end closes when the child exits: that is the signal
         while True:
             ready, _, _ = select.select([self._pipe], [], [], 0.1)
-            self._report_progress()
+            self._report_progress(self._own)
             if ready and not os.read(self._pipe, 1 << 12):
                 break
         _, status = os.waitpid(self._pid, 0)
         self._pid = 0
-        self._report_progress()
         os.close(self._pipe)
         self._pipe = -1
-        assert self._counter is not None
-        (length,) = struct.unpack_from("<q", self._counter, 8)
+        import json
+
+        length = _get(self._state, _REPORT_LEN)
         try:
-            record = json.loads(self._counter[_REPORT_AT:_REPORT_AT + length]) if length else {}
+            record = json.loads(self._state[_REPORT_AT:_REPORT_AT + length]) if length else {}
         except ValueError:
             record = {}
         if "error" in record:
             self._error = _error_from_record(record["error"])
         elif "digests" in record and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
-            self.digests = {int(k): v for k, v in record["digests"].items()}
+            self.digests.update({int(k): v for k, v in record["digests"].items()})
         elif os.WIFSIGNALED(status):
             self._error = OutputError(
                 f"the copy process was killed by signal {os.WTERMSIG(status)}"
@@ -425,26 +636,39 @@ class Background:
         else:
             self._error = OutputError("the copy process failed without a report")
 
-    # -- both ----------------------------------------------------------------
-
     def finish(self) -> dict[int, str]:
-        """Wait for every piece to be written; return the digests; raise what went wrong."""
+        """Help, wait for every piece to be written; return the digests; raise what went wrong."""
+        try:
+            self._help()
+        except OSError as e:
+            self.stop()
+            raise OutputError(f"writing the output failed: {e.strerror or e}") from e
+        except BaseException:
+            self.stop()
+            raise
         if self._pid:
             self._wait_process()
         elif self._thread is not None:
             self._thread.join()
             self._thread = None
+        self._report_progress(self._own)
         if isinstance(self._error, OSError):
             raise OutputError(
                 f"writing the output failed: {self._error.strerror or self._error}"
             ) from self._error
         if self._error is not None:
             raise self._error
+        if os.fstat(self.fd).st_size < self.end:
+            os.ftruncate(self.fd, self.end)
+        os.lseek(self.fd, self.end, os.SEEK_SET)
+        if self.span > self._reported:  # the holes left for padding count as written
+            self.progress(self.span - self._reported)
+            self._reported = self.span
         return self.digests
 
     def stop(self) -> None:
         """Abandon the write: stop the worker and wait for it."""
-        self._stop.set()
+        self._stopped = True
         if self._pid:
             try:
                 os.kill(self._pid, signal.SIGKILL)

@@ -143,6 +143,7 @@ def test_background_reports_a_failed_write(tmp_path: Path, mode: str,
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "write", full)
+    monkeypatch.setattr(os, "pwrite", full)
     monkeypatch.setattr(os, "copy_file_range", full)
     pieces = [b"x", writer.PayloadRef(_payload(src, 1, 0, 1 << 20), "raw")]
     fd = os.open(tmp_path / "dst.bin", os.O_WRONLY | os.O_CREAT)
@@ -153,6 +154,29 @@ def test_background_reports_a_failed_write(tmp_path: Path, mode: str,
             job.finish()
     finally:
         os.close(fd)
+
+
+def test_background_falls_back_to_a_thread_when_fork_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(writer, "FORK", True)
+    monkeypatch.setattr(writer.threading, "active_count", lambda: 1)
+
+    def no_fork() -> int:
+        raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    src = tmp_path / "src.bin"
+    src.write_bytes(bytes(range(256)) * 4096)
+    fd = os.open(tmp_path / "dst.bin", os.O_WRONLY | os.O_CREAT)
+    try:
+        job = writer.Background(fd, [writer.PayloadRef(_payload(src, 1, 0, 1 << 20), "raw")])
+        job.start()
+        job.finish()
+    finally:
+        os.close(fd)
+    assert job.mode == "thread"
+    assert (tmp_path / "dst.bin").read_bytes() == src.read_bytes()
 
 
 def test_background_stop_leaves_no_worker(tmp_path: Path, mode: str) -> None:

@@ -35,6 +35,7 @@ if str(ROOT) not in sys.path:
 import attacks  # noqa: E402
 from attacks import _wire as w  # noqa: E402
 from fixtures import small_models  # noqa: E402
+import streamconv.api  # noqa: E402
 from streamconv import convert  # noqa: E402
 from streamconv.cli import main as cli_main  # noqa: E402
 from streamconv.errors import OutputError, StreamconvError  # noqa: E402
@@ -346,20 +347,29 @@ def _enospc_after(limit: int) -> Callable[..., Any]:
     return fail_if_full
 
 
+@pytest.mark.parametrize("early", [False, True], ids=["one-pass", "early"])
 @pytest.mark.parametrize("layout", sorted(LAYOUT_ARGS))
 @pytest.mark.parametrize("kind", ["inline", "external"])
 @pytest.mark.parametrize("limit", [0, 1000, 30000])
 def test_out_of_space_injected(
-    layout: str, kind: str, limit: int, inputs: dict[str, Path], tmp_path: Path,
+    layout: str, kind: str, limit: int, early: bool, inputs: dict[str, Path], tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """ENOSPC from every write path (write, copy_file_range, sendfile) after *limit* bytes."""
+    """ENOSPC from every write path (write, pwrite, copy_file_range, sendfile) after *limit*
+    bytes, also where payloads are written while the skeleton converts."""
+    if early:
+        monkeypatch.setattr(streamconv.api, "EARLY_MIN", 0)
     count = _enospc_after(limit)
-    real_write, real_cfr, real_sendfile = os.write, os.copy_file_range, os.sendfile
+    real_write, real_pwrite = os.write, os.pwrite
+    real_cfr, real_sendfile = os.copy_file_range, os.sendfile
 
     def write(fd: int, data: Any) -> int:
         count(len(data))
         return real_write(fd, data)
+
+    def pwrite(fd: int, data: Any, offset: int) -> int:
+        count(len(data))
+        return real_pwrite(fd, data, offset)
 
     def copy_file_range(src: int, dst: int, n: int, *args: Any) -> int:
         count(n)
@@ -370,6 +380,7 @@ def test_out_of_space_injected(
         return real_sendfile(out, src, offset, n)
 
     monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(os, "pwrite", pwrite)
     monkeypatch.setattr(os, "copy_file_range", copy_file_range)
     monkeypatch.setattr(os, "sendfile", sendfile)
     dst = tmp_path / "dst"
