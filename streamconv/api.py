@@ -226,34 +226,32 @@ def _check(converted: bytes, skeleton: Skeleton, workdir: str, notes: list[str])
 
 
 def _weights_first_tail(
-    converted: bytes, skeleton: Skeleton, prefix: Prefix, layout: str, allow_duplicates: bool
+    converted: bytes, result: Any, skeleton: Skeleton, prefix: Prefix, layout: str,
+    allow_duplicates: bool,
 ) -> Tail | None:
     """Plan what follows an inline output's prefix, or None when the prefix no longer fits.
 
     The prefix holds the graph's initializers as they were scanned; it stands
     only if conversion left every one of them as it was, in the same place.
+    (A tensor put back inline after the scan, because the converter reads its
+    values, was written with its payload: it stands too if conversion left it
+    alone.)
     """
-    import onnx
-    from google.protobuf.message import DecodeError
-
-    parts = split_converted(converted, len(prefix.tensors))
-    if parts is None:
+    before = skeleton.model.graph.initializer
+    after = result.model.graph.initializer
+    count = len(prefix.tensors)
+    if len(before) != count or len(after) < count:
         log.info("conversion dropped initializers; writing the output in one pass")
         return None
-    first, graph_rest, model_rest = parts
-    for index, (before, after) in enumerate(zip(prefix.tensors, first, strict=True)):
-        if before == after:
-            continue
-        try:
-            same = onnx.TensorProto.FromString(before) == onnx.TensorProto.FromString(after)
-        except DecodeError:
-            same = False
-        if not same:
+    for index in range(count):
+        if before[index] != after[index]:
             log.info("initializer %d changed in conversion; writing the output in one pass",
                      index)
             return None
-    if not prefix.ids <= set(skeleton.payloads):
+    parts = split_converted(converted, count)
+    if parts is None:
         return None
+    _, graph_rest, model_rest = parts
     tail = plan_tail(graph_rest, model_rest, skeleton.payloads, prefix,
                      allow_duplicates=allow_duplicates)
     graph_length = prefix.length + tail.graph.length
@@ -366,7 +364,7 @@ def convert(
             _check(skeleton_bytes, skeleton, job.out.path, result.notes)
         tail = None
         if job.prefix is not None:
-            tail = _weights_first_tail(skeleton_bytes, skeleton, job.prefix, layout,
+            tail = _weights_first_tail(skeleton_bytes, result, skeleton, job.prefix, layout,
                                        inline_functions)
             if tail is None:
                 job.discard_prefix()

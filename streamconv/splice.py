@@ -1,9 +1,10 @@
-"""Write the output: skeleton bytes with every stub turned back into its payload.
+"""Plan the output: skeleton bytes with every stub turned back into its payload.
 
 The output is planned first (every piece and every enclosing length is known
-before a byte is written), then written as a stream.  Payload bytes move
-file-to-file with ``os.copy_file_range`` (falling back to ``os.sendfile``,
-then to a bounded buffer); they never become one Python object.
+before a byte is written), then written as a stream by :mod:`.writer`, whose
+copies never make payload bytes one Python object.  Inline output can also
+be planned weights first (:func:`plan_prefix`, :func:`plan_tail`), so that
+payloads are written before conversion ends.
 """
 
 from __future__ import annotations

@@ -220,6 +220,24 @@ def test_weights_first_equals_one_pass(tmp_path: Path, target: int, mode: str,
     assert leftovers(tmp_path) == []
 
 
+def test_weights_first_keeps_value_read_tensors(tmp_path: Path, early_always: None,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Axes tensors set aside by the scan and put back for the converter still go first."""
+    src = save(reduce_chain(opset=13, n=32), tmp_path / "in.onnx")
+    dst = tmp_path / "out.onnx"
+    convert(src, dst, opset=18, size_threshold=0)
+    assert starts_weights_first(dst)
+    reference = one_pass(src, tmp_path / "ref.onnx", monkeypatch, opset=18, size_threshold=0)
+    got, want = onnx.load(str(dst)), onnx.load(str(reference))
+    assert [t.name for t in got.graph.initializer] == [t.name for t in want.graph.initializer]
+    for a, b in zip(got.graph.initializer, want.graph.initializer, strict=True):
+        np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+    assert got.graph.node == want.graph.node
+    x = rand((32, 32), 5)
+    for out, ref in zip(run(dst, {"X": x}), run(src, {"X": x}), strict=True):
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_weights_first_typed_fields(tmp_path: Path, early_always: None,
                                     monkeypatch: pytest.MonkeyPatch) -> None:
     model, arrays = typed_model()
