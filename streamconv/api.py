@@ -447,13 +447,15 @@ class _Job:
         if self.progress is not None:
             self.progress(self.done, max(self.total, self.done))
 
+    def _create(self, name: str, what: str) -> int:
+        try:
+            return os.open(self.out.file(name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except OSError as e:
+            raise OutputError(f"cannot create {what}: {e.strerror}") from e
+
     def _open_data(self, data_name: str) -> int:
         if self.data_fd is None:
-            path = self.out.file(data_name)
-            try:
-                self.data_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            except OSError as e:
-                raise OutputError(f"cannot create the data file: {e.strerror}") from e
+            self.data_fd = self._create(data_name, "the data file")
             self.data_name = data_name
         return self.data_fd
 
@@ -468,11 +470,7 @@ class _Job:
 
     def start_prefix(self, name: str, prefix: Prefix) -> None:
         """Create the inline output and start writing *prefix* after its header."""
-        path = self.out.file(name)
-        try:
-            self.model_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except OSError as e:
-            raise OutputError(f"cannot create the output: {e.strerror}") from e
+        self.model_fd = self._create(name, "the output")
         self.model_name = name
         self.prefix = prefix
         self.total = prefix.header_size + prefix.length
@@ -480,14 +478,17 @@ class _Job:
                                 progress=self.step)
         self.early.start()
 
-    def discard_prefix(self) -> None:
-        """Abandon the weights-first output (conversion changed what it starts with)."""
+    def _stop_early(self) -> None:
         if self.early is not None:
             self.early.stop()
             self.early = None
         if self.model_fd is not None:
             os.close(self.model_fd)
             self.model_fd = None
+
+    def discard_prefix(self) -> None:
+        """Abandon the weights-first output (conversion changed what it starts with)."""
+        self._stop_early()
         if self.model_name is not None:
             os.unlink(self.out.file(self.model_name))
             self.model_name = None
@@ -527,11 +528,7 @@ class _Job:
         if self.sidecar is not None:
             self.sidecar.finish()
             digests = self.sidecar.digests
-        model_path = self.out.file(name)
-        try:
-            model_fd = os.open(model_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except OSError as e:
-            raise OutputError(f"cannot create the output: {e.strerror}") from e
+        model_fd = self._create(name, "the output")
         try:
             data_fd = None
             if plan.sidecar or plan.sidecar_size:
@@ -556,12 +553,7 @@ class _Job:
         """Stop any background copy and remove the temporary folder."""
         if self.sidecar is not None:
             self.sidecar.stop()
-        if self.early is not None:
-            self.early.stop()
-            self.early = None
-        if self.model_fd is not None:
-            os.close(self.model_fd)
-            self.model_fd = None
+        self._stop_early()
         if self.data_fd is not None:
             os.close(self.data_fd)
             self.data_fd = None

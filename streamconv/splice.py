@@ -201,6 +201,25 @@ class _Splicer:
             out.add(PayloadRef(payload, "raw"))
 
 
+def _splice_message(data: bytes, kind: str, path: Path, splicer: _Splicer) -> Rewrite:
+    """The message of *kind* in *data* with every stub replaced."""
+    hooks = Hooks(enter=splicer.enter, tensor=splicer.tensor)
+    new = rewrite_message(data, 0, len(data), kind, path, hooks)
+    if new is None:
+        new = Rewrite()
+        new.add(data)
+    return new
+
+
+def _check_all_placed(payloads: dict[int, Payload], seen: set[int]) -> None:
+    missing = sorted(set(payloads) - seen)
+    if missing:
+        lost = payloads[missing[0]]
+        raise ConversionError(
+            f"{len(missing)} tensor(s) lost in conversion, first '{lost.name}' ({lost.path})"
+        )
+
+
 def plan_output(
     skeleton: bytes,
     payloads: dict[int, Payload],
@@ -238,17 +257,8 @@ def plan_output(
         payloads, layout, data_name, align, align_min, preserve, checksum, allow_duplicates,
         reuse_dir, preplaced, start,
     )
-    hooks = Hooks(enter=splicer.enter, tensor=splicer.tensor)
-    model = rewrite_message(skeleton, 0, len(skeleton), "model", (), hooks)
-    if model is None:
-        model = Rewrite()
-        model.add(skeleton)
-    missing = sorted(set(payloads) - splicer.seen)
-    if missing:
-        lost = payloads[missing[0]]
-        raise ConversionError(
-            f"{len(missing)} tensor(s) lost in conversion, first '{lost.name}' ({lost.path})"
-        )
+    model = _splice_message(skeleton, "model", (), splicer)
+    _check_all_placed(payloads, splicer.seen)
     plan = OutputPlan(layout=layout, model=model, reused=splicer.reused)
     if layout == "external" and (splicer.sidecar or preplaced):
         plan.data_name = data_name
@@ -525,19 +535,7 @@ def plan_tail(
     """
     splicer = _Splicer(payloads, "inline", None, 1, 1, False, False, allow_duplicates, None)
     splicer.seen.update(prefix.ids)
-    hooks = Hooks(enter=splicer.enter, tensor=splicer.tensor)
-    parts = []
-    for data, kind in ((graph_rest, "graph"), (model_rest, "model")):
-        path = ("graph",) if kind == "graph" else ()
-        new = rewrite_message(data, 0, len(data), kind, path, hooks)
-        if new is None:
-            new = Rewrite()
-            new.add(data)
-        parts.append(new)
-    missing = sorted(set(payloads) - splicer.seen)
-    if missing:
-        lost = payloads[missing[0]]
-        raise ConversionError(
-            f"{len(missing)} tensor(s) lost in conversion, first '{lost.name}' ({lost.path})"
-        )
-    return Tail(graph=parts[0], model=parts[1])
+    graph = _splice_message(graph_rest, "graph", ("graph",), splicer)
+    model = _splice_message(model_rest, "model", (), splicer)
+    _check_all_placed(payloads, splicer.seen)
+    return Tail(graph=graph, model=model)

@@ -6,6 +6,8 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
+import onnxruntime as ort
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -16,6 +18,19 @@ if str(ROOT) not in sys.path:
 def leftovers(folder: str | os.PathLike[str]) -> list[str]:
     """Temporary files or folders streamconv may have left in *folder*."""
     return sorted(n for n in os.listdir(folder) if n.startswith(".streamconv-"))
+
+
+def run(path: str | os.PathLike[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The model's outputs in ONNX Runtime (CPU)."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)  # type: ignore[no-any-return]
+
+
+def same_outputs(src: str | os.PathLike[str], dst: str | os.PathLike[str],
+                 feeds: dict[str, np.ndarray]) -> None:
+    """*dst* gives *src*'s outputs in ONNX Runtime."""
+    for a, b in zip(run(src, feeds), run(dst, feeds), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
@@ -17,13 +16,8 @@ from streamconv import convert
 from streamconv.cli import main as cli_main
 from streamconv.converter import max_opset
 from streamconv.errors import ConversionError, StreamconvError, UsageError, WireFormatError
-from tests.conftest import leftovers
+from tests.conftest import leftovers, run
 from tests.models import if_loop_model, rand, reduce_chain, save, typed_model
-
-
-def run(path: str | Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, feeds)  # type: ignore[no-any-return]
 
 
 def digest(path: Path) -> str:

@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -30,7 +29,7 @@ from streamconv.errors import ExternalDataError, OutputError
 from streamconv.skeleton import Payload
 from streamconv.splice import encode_padded_varint
 from streamconv.wire import read_varint
-from tests.conftest import leftovers
+from tests.conftest import leftovers, run, same_outputs
 from tests.models import if_loop_model, rand, reduce_chain, save, typed_model
 
 MODES = ["process", "thread"]
@@ -51,16 +50,23 @@ def early_always(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(api, "EARLY_MIN", 0)
 
 
-def run(path: str | Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, feeds)  # type: ignore[no-any-return]
-
-
 def one_pass(src: str, dst: Path, monkeypatch: pytest.MonkeyPatch, **kwargs: Any) -> Path:
     """The output written the usual way, after conversion."""
     with monkeypatch.context() as m:
         m.setattr(api, "plan_prefix", lambda data, payloads: None)
         convert(src, dst, **kwargs)
+    return dst
+
+
+def converts_weights_first(src: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                           **kwargs: Any) -> Path:
+    """Convert *src* weights first; check it loads as the one-pass output does."""
+    dst = tmp_path / "out.onnx"
+    convert(src, dst, **kwargs)
+    assert starts_weights_first(dst)
+    reference = one_pass(src, tmp_path / "ref.onnx", monkeypatch, **kwargs)
+    assert not starts_weights_first(reference)
+    assert onnx.load(str(dst)) == onnx.load(str(reference))
     return dst
 
 
@@ -204,19 +210,14 @@ def test_weights_first_equals_one_pass(tmp_path: Path, target: int, mode: str,
                                        early_always: None,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     src = save(reduce_chain(opset=11, n=32), tmp_path / "in.onnx")
-    dst = tmp_path / "out.onnx"
-    report = convert(src, dst, opset=target, layout="inline", size_threshold=64)
+    dst = converts_weights_first(src, tmp_path, monkeypatch, opset=target, layout="inline",
+                                 size_threshold=64)
+    report = convert(src, tmp_path / "again.onnx", opset=target, layout="inline",
+                     size_threshold=64)
     assert report.layout == "inline" and report.data_file is None
-    assert report.bytes_out == dst.stat().st_size
-    assert starts_weights_first(dst)
-    reference = one_pass(src, tmp_path / "ref.onnx", monkeypatch, opset=target,
-                         layout="inline", size_threshold=64)
-    assert not starts_weights_first(reference)
-    assert onnx.load(str(dst)) == onnx.load(str(reference))
+    assert report.bytes_out == (tmp_path / "again.onnx").stat().st_size == dst.stat().st_size
     onnx.checker.check_model(str(dst), full_check=True)
-    x = rand((32, 32), 5)
-    for got, want in zip(run(dst, {"X": x}), run(src, {"X": x}), strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    same_outputs(src, dst, {"X": rand((32, 32), 5)})
     assert leftovers(tmp_path) == []
 
 
@@ -233,20 +234,14 @@ def test_weights_first_keeps_value_read_tensors(tmp_path: Path, early_always: No
     for a, b in zip(got.graph.initializer, want.graph.initializer, strict=True):
         np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
     assert got.graph.node == want.graph.node
-    x = rand((32, 32), 5)
-    for out, ref in zip(run(dst, {"X": x}), run(src, {"X": x}), strict=True):
-        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    same_outputs(src, dst, {"X": rand((32, 32), 5)})
 
 
 def test_weights_first_typed_fields(tmp_path: Path, early_always: None,
                                     monkeypatch: pytest.MonkeyPatch) -> None:
     model, arrays = typed_model()
     src = save(model, tmp_path / "in.onnx")
-    dst = tmp_path / "out.onnx"
-    convert(src, dst, opset=18, size_threshold=0)
-    assert starts_weights_first(dst)
-    reference = one_pass(src, tmp_path / "ref.onnx", monkeypatch, opset=18, size_threshold=0)
-    assert onnx.load(str(dst)) == onnx.load(str(reference))
+    dst = converts_weights_first(src, tmp_path, monkeypatch, opset=18, size_threshold=0)
     loaded = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(dst)).graph.initializer}
     for name, array in arrays.items():
         np.testing.assert_array_equal(loaded[name], array)
@@ -258,14 +253,9 @@ def test_weights_first_with_nested_payloads(tmp_path: Path, early_always: None,
     model = if_loop_model(n=32)
     model.graph.initializer.append(numpy_helper.from_array(rand((32, 32), 7), "unused_w"))
     src = save(model, tmp_path / "in.onnx")
-    dst = tmp_path / "out.onnx"
-    convert(src, dst, opset=18, size_threshold=64)
-    assert starts_weights_first(dst)
-    reference = one_pass(src, tmp_path / "ref.onnx", monkeypatch, opset=18, size_threshold=64)
-    assert onnx.load(str(dst)) == onnx.load(str(reference))
-    feeds = {"X": rand((32, 32), 1), "flag": np.array(True), "trips": np.array(3, np.int64)}
-    for got, want in zip(run(dst, feeds), run(src, feeds), strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    dst = converts_weights_first(src, tmp_path, monkeypatch, opset=18, size_threshold=64)
+    same_outputs(src, dst, {"X": rand((32, 32), 1), "flag": np.array(True),
+                         "trips": np.array(3, np.int64)})
 
 
 def test_weights_first_output_scans_back(tmp_path: Path, early_always: None) -> None:
@@ -308,9 +298,7 @@ def test_changed_initializer_falls_back_to_one_pass(
     assert not starts_weights_first(dst)
     model = onnx.load(str(dst))
     assert model.graph.initializer[0].doc_string == "changed by conversion"
-    x = rand((32, 32), 5)
-    for got, want in zip(run(dst, {"X": x}), run(src, {"X": x}), strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    same_outputs(src, dst, {"X": rand((32, 32), 5)})
     assert sorted(os.listdir(tmp_path)) == ["in.onnx", "out.onnx"]
 
 
@@ -326,9 +314,7 @@ def test_auto_past_the_limit_after_conversion_goes_external(
     report = convert(src, dst, opset=13, size_threshold=64)
     assert report.layout == "external" and report.data_file is not None
     assert not starts_weights_first(dst)
-    x = rand((32, 32), 5)
-    for got, want in zip(run(dst, {"X": x}), run(src, {"X": x}), strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    same_outputs(src, dst, {"X": rand((32, 32), 5)})
 
 
 def test_input_with_external_data_is_written_in_one_pass(tmp_path: Path,

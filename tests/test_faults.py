@@ -33,9 +33,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import attacks  # noqa: E402
+import streamconv.api  # noqa: E402
 from attacks import _wire as w  # noqa: E402
 from fixtures import small_models  # noqa: E402
-import streamconv.api  # noqa: E402
 from streamconv import convert  # noqa: E402
 from streamconv.cli import main as cli_main  # noqa: E402
 from streamconv.errors import OutputError, StreamconvError  # noqa: E402

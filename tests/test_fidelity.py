@@ -16,19 +16,9 @@ from onnx import numpy_helper
 from fixtures import small_models as sm
 from streamconv import convert
 from streamconv.errors import ConversionError, ExternalDataError
-from tests.conftest import leftovers
+from tests.conftest import leftovers, run, same_outputs
 
 TARGETS = [13, 18]
-
-
-def run(path: Path | str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, feeds)  # type: ignore[no-any-return]
-
-
-def same_outputs(src: Path | str, dst: Path | str, feeds: dict[str, np.ndarray]) -> None:
-    for a, b in zip(run(src, feeds), run(dst, feeds), strict=True):
-        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
 
 
 def convert_and_check(src: Path, dst: Path, target: int, **kwargs: object) -> onnx.ModelProto:
