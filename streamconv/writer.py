@@ -55,9 +55,11 @@ Progress = Callable[[int], None]
 
 log = logging.getLogger(__name__)
 
-#: Run background writes in a forked process when the caller is single-threaded.
-#: (Tests switch this off to exercise the thread.)
+#: Run background writes in a forked process when the caller is single-threaded
+#: and there are at least FORK_MIN bytes to write (below that a thread costs
+#: less than forking a large caller).
 FORK = hasattr(os, "fork") and hasattr(os, "waitpid")
+FORK_MIN = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -475,7 +477,7 @@ class Background:
     def start(self) -> None:
         refs = sum(u.whole for u in self.units)
         size = _REPORT_AT + (1 << 16) + 64 * refs
-        if FORK and threading.active_count() == 1:
+        if FORK and self.total >= FORK_MIN and threading.active_count() == 1:
             try:
                 self._state = mmap.mmap(-1, size)
                 _set(self._state, _BACK, len(self.units))

@@ -41,6 +41,7 @@ def mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
     monkeypatch.setattr(writer, "FORK", request.param == "process")
     if request.param == "process":  # the fork needs a single-threaded caller
         monkeypatch.setattr(writer.threading, "active_count", lambda: 1)
+        monkeypatch.setattr(writer, "FORK_MIN", 0)
     return str(request.param)
 
 
@@ -166,6 +167,7 @@ def test_background_falls_back_to_a_thread_when_fork_fails(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(writer, "FORK", True)
+    monkeypatch.setattr(writer, "FORK_MIN", 0)
     monkeypatch.setattr(writer.threading, "active_count", lambda: 1)
 
     def no_fork() -> int:
@@ -337,6 +339,25 @@ def test_input_with_external_data_is_written_in_one_pass(tmp_path: Path,
     assert report.layout == "inline" and not starts_weights_first(dst)
     x = rand((64, 64), 3)
     np.testing.assert_allclose(run(dst, {"X": x})[0], x + numpy_helper.to_array(w), rtol=1e-6)
+
+
+def test_small_copies_stay_in_a_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(writer, "FORK", True)
+    monkeypatch.setattr(writer.threading, "active_count", lambda: 1)
+    src = tmp_path / "src.bin"
+    with open(src, "wb") as f:
+        f.truncate(writer.FORK_MIN)
+    modes = []
+    for size in (1 << 20, writer.FORK_MIN):
+        fd = os.open(tmp_path / "dst.bin", os.O_WRONLY | os.O_CREAT)
+        try:
+            job = writer.Background(fd, [writer.PayloadRef(_payload(src, 1, 0, size), "raw")])
+            job.start()
+            job.finish()
+            modes.append(job.mode)
+        finally:
+            os.close(fd)
+    assert modes == ["thread", "process"]
 
 
 def test_default_waits_for_payloads_worth_moving(tmp_path: Path) -> None:

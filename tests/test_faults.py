@@ -34,6 +34,7 @@ if str(ROOT) not in sys.path:
 
 import attacks  # noqa: E402
 import streamconv.api  # noqa: E402
+import streamconv.writer  # noqa: E402
 from attacks import _wire as w  # noqa: E402
 from fixtures import small_models  # noqa: E402
 from streamconv import convert  # noqa: E402
@@ -347,18 +348,21 @@ def _enospc_after(limit: int) -> Callable[..., Any]:
     return fail_if_full
 
 
-@pytest.mark.parametrize("early", [False, True], ids=["one-pass", "early"])
+@pytest.mark.parametrize("early", ["", "thread", "process"], ids=["one-pass", "thread",
+                                                                "process"])
 @pytest.mark.parametrize("layout", sorted(LAYOUT_ARGS))
 @pytest.mark.parametrize("kind", ["inline", "external"])
 @pytest.mark.parametrize("limit", [0, 1000, 30000])
 def test_out_of_space_injected(
-    layout: str, kind: str, limit: int, early: bool, inputs: dict[str, Path], tmp_path: Path,
+    layout: str, kind: str, limit: int, early: str, inputs: dict[str, Path], tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """ENOSPC from every write path (write, pwrite, copy_file_range, sendfile) after *limit*
     bytes, also where payloads are written while the skeleton converts."""
     if early:
         monkeypatch.setattr(streamconv.api, "EARLY_MIN", 0)
+        monkeypatch.setattr(streamconv.writer, "FORK", early == "process")
+        monkeypatch.setattr(streamconv.writer, "FORK_MIN", 0)
     count = _enospc_after(limit)
     real_write, real_pwrite = os.write, os.pwrite
     real_cfr, real_sendfile = os.copy_file_range, os.sendfile

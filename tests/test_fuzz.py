@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import streamconv.api  # noqa: E402
 from attacks import _wire as w  # noqa: E402
 from fixtures import small_models  # noqa: E402
 from streamconv import roundtrip  # noqa: E402
@@ -491,6 +492,9 @@ class Options:
     checksum: bool
     check: bool
     inline_functions: bool = False
+    #: write payloads while converting however small they are (weights-first
+    #: inline output, early sidecar copy); the CLI has no switch for it
+    early: bool = False
 
     def argv(self) -> list[str]:
         args = ["--opset", str(self.opset), "--size-threshold", str(self.threshold),
@@ -512,6 +516,7 @@ options = st.builds(
     checksum=st.booleans(),
     check=st.booleans(),
     inline_functions=st.booleans(),
+    early=st.booleans(),
 )
 
 
@@ -629,8 +634,14 @@ def check_input(model: bytes, files: dict[str, bytes], opts: Options,
             _tally_known(known)
             return
 
-        with time_limit(PER_INPUT_SECONDS):
-            code, stdout, stderr = run_cli([str(model_path), str(out), *opts.argv()])
+        early_min = streamconv.api.EARLY_MIN
+        if opts.early:
+            streamconv.api.EARLY_MIN = 0
+        try:
+            with time_limit(PER_INPUT_SECONDS):
+                code, stdout, stderr = run_cli([str(model_path), str(out), *opts.argv()])
+        finally:
+            streamconv.api.EARLY_MIN = early_min
         known = known_outcome(code, stderr)
         if known is not None:
             _tally_known(known)
