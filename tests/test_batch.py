@@ -205,6 +205,44 @@ def test_crashed_and_hung_workers_fail_only_their_model(
     assert redone == {crash, hang}
 
 
+def _copy_processes_of(folder: Path) -> list[int]:
+    """Processes that still hold a file open below *folder*."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}").startswith(str(folder)) for fd in fds):
+                pids.append(int(pid))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_killed_worker_takes_its_copy_process_along(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that crashes or hangs while a forked process copies its payloads."""
+    from fixtures.bigmodel import write_big_model
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("crash", "hang", "fine"):  # 48 MiB each: copied by a forked process
+        write_big_model(src / f"{name}.onnx", n_tensors=4, tensor_mib=12, opset=11)
+    monkeypatch.setenv(TEST_CRASH_ENV, "crash.onnx")
+    monkeypatch.setenv(TEST_HANG_ENV, "hang.onnx")
+    out = tmp_path / "out"
+    code = run_batch([str(src), str(out), "--opset", "18", "--jobs", "2", "--timeout", "3",
+                      "--layout", "external", "-q"])
+    assert code == 1
+    assert sorted(os.listdir(out)) == ["fine.onnx", "fine.onnx.data"]
+    deadline = time.monotonic() + 5
+    while _copy_processes_of(out) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _copy_processes_of(out) == []
+    assert leftovers_below(out) == []
+
+
 # -- acceptance: resumable -------------------------------------------------------------------
 
 
