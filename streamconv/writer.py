@@ -2,8 +2,7 @@
 
 Payload bytes go file-to-file: ``os.copy_file_range`` where source and
 destination offsets agree modulo the page size, a read/write loop through one
-reused buffer where they do not (see :class:`Copier`).  They never become one
-Python object.
+reused buffer where they do not.  They never become one Python object.
 
 A :class:`Background` write lets payloads move while onnx imports and the
 skeleton converts.  It runs in a forked process when the caller is
@@ -34,22 +33,17 @@ from .skeleton import Payload, iter_raw_chunks
 __all__ = [
     "BUFFER_SIZE",
     "Background",
-    "Copier",
     "Gap",
     "PayloadRef",
     "Sources",
-    "write_all",
     "write_pieces",
 ]
 
-#: Largest single copy_file_range/sendfile request.
-COPY_CHUNK = 64 << 20
 #: Size of the read/write loop's buffer.  Not a power of two on purpose: writes
 #: that start on 1 MiB boundaries make the page cache allocate large folios,
 #: which measured 5-10x slower than the same copy in 1 MiB - 4 KiB steps here
 #: (Linux 6.18, ext4) once memory is fragmented.
 BUFFER_SIZE = (1 << 20) - (1 << 12)
-ZEROS = bytes(1 << 16)
 
 Progress = Callable[[int], None]
 
@@ -79,14 +73,6 @@ class Gap:
     """Zero bytes (alignment padding between payloads in a data file)."""
 
     size: int
-
-
-def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
-    """Write all of *data* at *fd*'s position."""
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
 
 
 class Sources:
@@ -128,137 +114,6 @@ def _dirty_budget() -> int:
     return available * ratio // 100
 
 
-class Copier:
-    """File-to-file copies: copy_file_range, then sendfile, then a buffer.
-
-    copy_file_range between offsets that differ modulo the page size is much
-    slower on common file systems than a read/write loop through one reused
-    buffer (measured 1.5x on ext4), as long as the written data stays below
-    the writeback threshold; such copies take the loop.
-    """
-
-    def __init__(self) -> None:
-        self.method = "copy_file_range" if hasattr(os, "copy_file_range") else "sendfile"
-        self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-        self.budget = _dirty_budget()
-        self.buffer = bytearray(BUFFER_SIZE)
-
-    def copy(self, src: int, dst: int, offset: int, length: int, progress: Progress) -> None:
-        end = offset + length
-        pos = offset
-        looped = False
-        if self.budget >= length and (offset - os.lseek(dst, 0, os.SEEK_CUR)) % self.page:
-            self.budget -= length
-            looped = True
-        while pos < end:
-            want = min(COPY_CHUNK, end - pos)
-            n = self._loop_some(src, dst, pos, want) if looped else self._copy_some(
-                src, dst, pos, want
-            )
-            if n == 0:
-                raise ExternalDataError(
-                    f"source ended at byte {pos}, {end - pos} bytes short of the payload"
-                )
-            pos += n
-            progress(n)
-
-    def _copy_some(self, src: int, dst: int, pos: int, want: int) -> int:
-        # Each method falls through to the next where the kernel or file system refuses it.
-        for method, call, fallback in (
-            ("copy_file_range", lambda: os.copy_file_range(src, dst, want, pos), "sendfile"),
-            ("sendfile", lambda: os.sendfile(dst, src, pos, want), "buffer"),
-        ):
-            if self.method == method:
-                try:
-                    return call()
-                except OSError as e:
-                    if e.errno not in _FALLBACK_ERRNOS:
-                        raise
-                    self.method = fallback
-        return self._loop_some(src, dst, pos, want)
-
-    def _loop_some(self, src: int, dst: int, pos: int, want: int) -> int:
-        view = memoryview(self.buffer)
-        done = 0
-        while done < want:
-            n = os.preadv(src, [view[: min(len(view), want - done)]], pos + done)
-            if n == 0:
-                break
-            write_all(dst, view[:n])
-            done += n
-        return done
-
-
-def write_payload(
-    ref: PayloadRef, fd: int, sources: Sources, copier: Copier, progress: Progress,
-    digest: Any = None,
-) -> None:
-    """Write one payload at *fd*'s position, as stored or as raw bytes; feed *digest*."""
-    payload = ref.payload
-    src = sources.fd(payload.source)
-    if digest is None and (ref.mode == "copy" or payload.encoding != "varint"):
-        try:
-            copier.copy(src, fd, payload.offset, payload.length, progress)
-        except ExternalDataError as e:
-            e.file = e.file or payload.source
-            e.path = e.path or payload.path
-            raise
-        return
-    for chunk in iter_raw_chunks(payload, src):
-        if digest is not None:
-            digest.update(chunk)
-        write_all(fd, chunk)
-        progress(len(chunk))
-
-
-def write_gap(fd: int, size: int) -> None:
-    """Write *size* zero bytes."""
-    while size > 0:
-        n = min(len(ZEROS), size)
-        write_all(fd, ZEROS[:n])
-        size -= n
-
-
-def write_pieces(
-    fd: int,
-    pieces: Iterable[Any],
-    progress: Progress,
-    *,
-    digest_ids: frozenset[int] = frozenset(),
-    stop: Callable[[], bool] | None = None,
-) -> dict[int, str]:
-    """Write bytes, :class:`Gap` and :class:`PayloadRef` pieces in order at *fd*'s position.
-
-    Returns the SHA-1 of each payload whose id is in *digest_ids*.  *stop* is
-    asked before every piece; when it says so the write ends early.  Raises
-    OSError when writing fails and ExternalDataError when a source is short.
-    """
-    import hashlib
-
-    sources = Sources()
-    copier = Copier()
-    digests: dict[int, str] = {}
-    try:
-        for piece in pieces:
-            if stop is not None and stop():
-                break
-            if isinstance(piece, PayloadRef):
-                wanted = piece.payload.id in digest_ids
-                digest = hashlib.sha1(usedforsecurity=False) if wanted else None
-                write_payload(piece, fd, sources, copier, progress, digest)
-                if digest is not None:
-                    digests[piece.payload.id] = digest.hexdigest()
-            elif isinstance(piece, Gap):
-                write_gap(fd, piece.size)
-                progress(piece.size)
-            else:
-                write_all(fd, piece)
-                progress(len(piece))
-    finally:
-        sources.close()
-    return digests
-
-
 def _error_record(error: BaseException) -> dict[str, Any]:
     if isinstance(error, StreamconvError):
         return {"kind": "streamconv", "class": type(error).__name__, "message": error.message,
@@ -287,8 +142,9 @@ class _Unit:
 
     Either bytes, or a stretch of a payload copied as stored (``whole`` False),
     or a whole payload that must be produced in order (decoded varints, or a
-    digest to compute).  Doing a unit twice writes the same bytes twice, so
-    the two writers need no lock (see :class:`Background`).
+    digest to compute), or a hole of ``length`` bytes left unwritten (it reads
+    back as zeros).  Doing a unit twice writes the same bytes twice, so the
+    two writers need no lock (see :class:`Background`).
     """
 
     offset: int
@@ -306,7 +162,7 @@ UNIT = 32 << 20
 def _units(pieces: list[Any], start: int, digest_ids: frozenset[int]) -> tuple[list[_Unit], int]:
     """Cut *pieces*, laid out from *start*, into units; return them and the end offset.
 
-    Gaps become holes (they read back as zeros).
+    Gaps become holes.
     """
     units: list[_Unit] = []
     pos = start
@@ -322,6 +178,7 @@ def _units(pieces: list[Any], start: int, digest_ids: frozenset[int]) -> tuple[l
                                        length=n))
             pos += piece.size
         elif isinstance(piece, Gap):
+            units.append(_Unit(pos, length=piece.size))
             pos += piece.size
         else:
             units.append(_Unit(pos, data=bytes(piece)))
@@ -356,7 +213,9 @@ class _UnitWriter:
             _pwrite_all(self.fd, unit.data, unit.offset)
             self.progress(len(unit.data))
             return
-        assert unit.ref is not None
+        if unit.ref is None:  # a hole
+            self.progress(unit.length)
+            return
         payload = unit.ref.payload
         try:
             src = self.sources.fd(payload.source)
@@ -385,7 +244,10 @@ class _UnitWriter:
             self.digests[ref.payload.id] = digest.hexdigest()
 
     def _stretch(self, src: int, src_pos: int, dst_pos: int, length: int) -> None:
-        # as Copier.copy: the loop where offsets disagree modulo the page size
+        # copy_file_range between offsets that differ modulo the page size is
+        # much slower on common file systems (measured 1.5x on ext4) than the
+        # loop, as long as the written data stays below the writeback
+        # threshold (past it buffered writes are throttled harder)
         looped = not self.kernel_copy
         if not looped and self.budget >= length and (src_pos - dst_pos) % self.page:
             self.budget -= length
@@ -417,6 +279,37 @@ class _UnitWriter:
 
     def close(self) -> None:
         self.sources.close()
+
+
+def _end_at(fd: int, end: int) -> None:
+    """Make the file at least *end* bytes long (a trailing hole) and position *fd* there."""
+    if os.fstat(fd).st_size < end:
+        os.ftruncate(fd, end)
+    os.lseek(fd, end, os.SEEK_SET)
+
+
+def write_pieces(
+    fd: int,
+    pieces: Iterable[Any],
+    progress: Progress,
+    *,
+    digest_ids: frozenset[int] = frozenset(),
+) -> dict[int, str]:
+    """Write bytes, :class:`Gap` and :class:`PayloadRef` pieces in order from *fd*'s position.
+
+    Leaves *fd* after the last piece; returns the SHA-1 of each payload whose
+    id is in *digest_ids*.  Raises OSError when writing fails and
+    ExternalDataError when a source is short.
+    """
+    units, end = _units(list(pieces), os.lseek(fd, 0, os.SEEK_CUR), digest_ids)
+    writer = _UnitWriter(fd, progress, digest_ids)
+    try:
+        for unit in units:
+            writer.do(unit)
+    finally:
+        writer.close()
+    _end_at(fd, end)
+    return writer.digests
 
 
 # Shared state of a background write (an anonymous shared mapping in process
@@ -459,9 +352,7 @@ class Background:
     ) -> None:
         self.fd = fd
         self.units, self.end = _units(pieces, start, digest_ids)
-        self.span = self.end - start
-        self.total = sum(u.ref.size if u.whole and u.ref else
-                         len(u.data) if u.data is not None else u.length for u in self.units)
+        self.total = self.end - start
         self.digest_ids = digest_ids
         self.progress = progress or (lambda n: None)
         self.digests: dict[int, str] = {}
@@ -660,12 +551,7 @@ class Background:
             ) from self._error
         if self._error is not None:
             raise self._error
-        if os.fstat(self.fd).st_size < self.end:
-            os.ftruncate(self.fd, self.end)
-        os.lseek(self.fd, self.end, os.SEEK_SET)
-        if self.span > self._reported:  # the holes left for padding count as written
-            self.progress(self.span - self._reported)
-            self._reported = self.span
+        _end_at(self.fd, self.end)
         return self.digests
 
     def stop(self) -> None:

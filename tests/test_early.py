@@ -163,6 +163,34 @@ def test_background_reports_a_failed_write(tmp_path: Path, mode: str,
         os.close(fd)
 
 
+def test_kernel_copy_refused_falls_back_to_the_loop(tmp_path: Path, mode: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """copy_file_range across file systems (EXDEV) or unsupported: the buffer loop copies."""
+    calls = []
+
+    def refuse(*args: Any) -> int:
+        calls.append(args)
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    src = tmp_path / "src.bin"
+    data = np.random.default_rng(1).bytes(3 << 20)
+    src.write_bytes(data)
+    fd = os.open(tmp_path / "dst.bin", os.O_WRONLY | os.O_CREAT)
+    try:  # same offsets modulo the page size: copy_file_range is tried first
+        job = writer.Background(fd, [writer.PayloadRef(_payload(src, 1, 4096, 2 << 20), "raw")])
+        job.start()
+        job.finish()
+        written = writer.write_pieces(fd, [writer.PayloadRef(_payload(src, 2, 0, 4096), "raw")],
+                                      lambda n: None)
+    finally:
+        os.close(fd)
+    assert written == {}
+    assert (tmp_path / "dst.bin").read_bytes() == data[4096:4096 + (2 << 20)] + data[:4096]
+    if mode == "thread":  # a forked process tries in its own copy of the module
+        assert calls
+
+
 def test_background_falls_back_to_a_thread_when_fork_fails(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
