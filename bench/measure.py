@@ -4,8 +4,9 @@ Each command runs under ``/usr/bin/time``, whose own child is the measured
 program, so the peak RSS it reports (``%M``, from ``wait4``) is the program's
 alone and not the benchmark's.  Before every run the page cache is put in a
 known state for the input (read through, or dropped for that file only), dirty
-pages are written back with ``sync`` so the previous run's output is not billed
-to this one, and afterwards the outputs are deleted.
+pages are written back with ``sync`` and block I/O is let settle, so the previous
+run's output (and the discards of its deletion) is not billed to this one, and
+afterwards the outputs are deleted.
 """
 
 from __future__ import annotations
@@ -104,6 +105,28 @@ def _killed_first() -> None:
         pass
 
 
+def _io_in_flight() -> int | None:
+    """Block-device requests in progress, over all devices (None where unknown)."""
+    try:
+        with open("/proc/diskstats") as f:
+            return sum(int(line.split()[11]) for line in f if len(line.split()) > 11)
+    except (OSError, ValueError):
+        return None
+
+
+def _settle(limit_s: float = 10.0) -> None:
+    """Wait until no block I/O is in flight (the previous run's writeback and the
+    discards of its deleted outputs), so that it is not billed to the next run."""
+    deadline = time.monotonic() + limit_s
+    quiet = 0
+    while quiet < 3 and time.monotonic() < deadline:
+        busy = _io_in_flight()
+        if busy is None:
+            return
+        quiet = quiet + 1 if busy == 0 else 0
+        time.sleep(0.05)
+
+
 def _remove(paths: Sequence[Path]) -> None:
     for p in paths:
         if p.is_dir():
@@ -139,6 +162,7 @@ def measure(
     os.close(fd)
     try:
         os.sync()
+        _settle()
         started = time.perf_counter()
         proc = subprocess.run(
             [TIME, "-f", "%M %e %U %S", "-o", report, *cmd],
