@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .report import GB, RESULTS, Summary, read_summaries
+from .report import GB, RESULTS, Summary, read_results
 from .tools import PROTOBUF_LIMIT, TOOLS
 
 __all__ = ["main", "plot"]
@@ -97,12 +97,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.plot")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the CSV files")
     args = parser.parse_args(argv)
-    sizes = read_summaries(args.results / "bench.csv")
-    nodes = read_summaries(args.results / "nodes.csv")
-    if not sizes and not nodes:
-        print(f"no results in {args.results}; run python -m bench.run first", file=sys.stderr)
+    results = read_results(args.results)
+    if results is None:
         return 1
-    plot(sizes, nodes, args.results / "bench.png")
+    plot(*results, args.results / "bench.png")
     return 0
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "check_goals",
     "format_pivot",
     "format_table",
+    "read_results",
     "read_summaries",
     "summarize",
     "write_csv",
@@ -179,6 +180,16 @@ def read_summaries(path: Path) -> list[Summary]:
     return rows
 
 
+def read_results(folder: Path) -> tuple[list[Summary], list[Summary]] | None:
+    """The size and node summaries of the last run in *folder*; None (said on stderr) if none."""
+    sizes = read_summaries(folder / "bench.csv")
+    nodes = read_summaries(folder / "nodes.csv")
+    if not sizes and not nodes:
+        print(f"no results in {folder}; run python -m bench.run first", file=sys.stderr)
+        return None
+    return sizes, nodes
+
+
 def _fmt(value: float | None, spec: str, missing: str = "") -> str:
     return missing if value is None else format(value, spec)
 
@@ -309,11 +320,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pivot", action="store_true",
                         help="print a compact Markdown table, one column per tool")
     args = parser.parse_args(argv)
-    sizes = read_summaries(args.results / "bench.csv")
-    nodes = read_summaries(args.results / "nodes.csv")
-    if not sizes and not nodes:
-        print(f"no results in {args.results}; run python -m bench.run first", file=sys.stderr)
+    results = read_results(args.results)
+    if results is None:
         return 1
+    sizes, nodes = results
     if args.pivot:
         print(format_pivot([*sizes, *nodes]))
     else:

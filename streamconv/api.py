@@ -239,7 +239,7 @@ def _weights_first_tail(
     """
     before = skeleton.model.graph.initializer
     after = result.model.graph.initializer
-    count = len(prefix.tensors)
+    count = prefix.count
     if len(before) != count or len(after) < count:
         log.info("conversion dropped initializers; writing the output in one pass")
         return None
@@ -251,7 +251,7 @@ def _weights_first_tail(
     parts = split_converted(converted, count)
     if parts is None:
         return None
-    _, graph_rest, model_rest = parts
+    graph_rest, model_rest = parts
     tail = plan_tail(graph_rest, model_rest, skeleton.payloads, prefix,
                      allow_duplicates=allow_duplicates)
     graph_length = prefix.length + tail.graph.length
@@ -369,8 +369,8 @@ def convert(
             if tail is None:
                 job.discard_prefix()
         if tail is not None:
-            plan = OutputPlan(layout="inline", model=tail.model)
             written = job.write_weights_first(tail, os.path.basename(dst))
+            out_layout, has_data, reused = "inline", False, 0
         else:
             early = job.sidecar
             plan = plan_output(
@@ -388,6 +388,7 @@ def convert(
                 log.info("inline output of %d bytes exceeds 2 GiB; only streaming readers can "
                          "load it", plan.model_size)
             written = job.write(plan, os.path.basename(dst))
+            out_layout, has_data, reused = plan.layout, plan.has_data, plan.reused
     except ConversionError as e:
         raise e.with_file(src) from e.__cause__
     except OutputError as e:
@@ -397,16 +398,15 @@ def convert(
         if buf is not None and hasattr(buf, "close"):
             buf.close()
         os.close(fd)
-    data_file = dst_data if plan.sidecar or plan.sidecar_size else None
-    if plan.reused:
-        result.notes.append(f"{plan.reused} tensor(s) reference the input's data files in place")
+    if reused:
+        result.notes.append(f"{reused} tensor(s) reference the input's data files in place")
     return Report(
         source=src,
         destination=dst,
-        data_file=data_file,
+        data_file=dst_data if has_data else None,
         opset_from=opset_from,
         opset_to=target,
-        layout=plan.layout,
+        layout=out_layout,
         tensors_diverted=len(skeleton.payloads),
         bytes_diverted=sum(p.nbytes for p in skeleton.payloads.values()),
         bytes_in=size,
@@ -515,11 +515,15 @@ class _Job:
         finally:
             os.close(self.model_fd)
             self.model_fd = None
+        self._publish(name)
+        return self.total
+
+    def _publish(self, *names: str) -> None:
         try:
-            self.out.publish(name)
+            for name in names:
+                self.out.publish(name)
         except OSError as e:
             raise OutputError(f"cannot move the output into place: {e.strerror}") from e
-        return self.total
 
     def write(self, plan: OutputPlan, name: str) -> int:
         """Write *plan* into the temporary folder, then publish; return bytes written."""
@@ -531,22 +535,23 @@ class _Job:
         model_fd = self._create(name, "the output")
         try:
             data_fd = None
-            if plan.sidecar or plan.sidecar_size:
+            if plan.has_data:
                 assert plan.data_name is not None
                 data_fd = self._open_data(plan.data_name)
             write_plan(plan, model_fd, data_fd, self.step, digests)
         finally:
             os.close(model_fd)
-        try:
-            if self.data_fd is not None:
-                os.close(self.data_fd)
-                self.data_fd = None
-                if plan.sidecar or plan.sidecar_size:
-                    assert self.data_name is not None
-                    self.out.publish(self.data_name)
-            self.out.publish(name)
-        except OSError as e:
-            raise OutputError(f"cannot move the output into place: {e.strerror}") from e
+        if self.data_fd is not None:
+            fd, self.data_fd = self.data_fd, None
+            try:
+                os.close(fd)
+            except OSError as e:
+                raise OutputError(f"writing the output failed: {e.strerror or e}") from e
+        if plan.has_data:
+            assert self.data_name is not None
+            self._publish(self.data_name, name)
+        else:
+            self._publish(name)
         return self.total
 
     def close(self) -> None:

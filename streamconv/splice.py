@@ -59,6 +59,11 @@ class OutputPlan:
     def model_size(self) -> int:
         return self.model.length
 
+    @property
+    def has_data(self) -> bool:
+        """Whether the output has a data file of its own (written by this plan or earlier)."""
+        return bool(self.sidecar or self.sidecar_size)
+
 
 @dataclass(frozen=True)
 class ChecksumSlot:
@@ -403,14 +408,13 @@ class Prefix:
     """The graph's initializers, payloads included, as the inline output's first bytes.
 
     The output starts with the graph field's tag and a length padded to
-    ``width`` bytes (``header_size`` in all), then ``pieces``.  ``tensors``
-    holds each initializer's skeleton bytes (stubs as stubs), so that the
-    converted skeleton can be checked against them.
+    ``width`` bytes (``header_size`` in all), then ``pieces``: the graph's
+    ``count`` initializers, ``length`` bytes in all.
     """
 
     pieces: list[Any]
     length: int
-    tensors: list[bytes]
+    count: int
     ids: frozenset[int]
     payload_bytes: int
     width: int
@@ -451,14 +455,14 @@ def plan_prefix(data: bytes, payloads: dict[int, Payload]) -> Prefix | None:
         return None
     splicer = _Splicer(payloads, "inline", None, 1, 1, False, False, False, None)
     pieces = Rewrite()
-    tensors: list[bytes] = []
+    count = 0
     pos, end = graph
     try:
         while pos < end:
             number, wire_type, a, b, pos = read_field(data, pos, end)
             if number != F.GRAPH_INITIALIZER or wire_type != F.WT_LEN:
                 continue
-            new = splicer.tensor(data, a, b, ("graph", f"initializer[{len(tensors)}]"))
+            new = splicer.tensor(data, a, b, ("graph", f"initializer[{count}]"))
             if new is None:
                 if _is_external(parse_tensor_fields(data, a, b)):
                     return None
@@ -466,7 +470,7 @@ def plan_prefix(data: bytes, payloads: dict[int, Payload]) -> Prefix | None:
                 new.add(data[a:b])
             pieces.add(encode_len_header(F.GRAPH_INITIALIZER, new.length))
             pieces.extend(new)
-            tensors.append(bytes(data[a:b]))
+            count += 1
     except ConversionError:  # a stub seen twice: left to the usual path to report
         return None
     payload_bytes = sum(payloads[i].nbytes for i in splicer.seen)
@@ -475,13 +479,13 @@ def plan_prefix(data: bytes, payloads: dict[int, Payload]) -> Prefix | None:
     # 5 bytes hold lengths up to 32 GiB, and are what protobuf's C++ parser
     # reads for a length; beyond that the full 10.
     width = 5 if pieces.length < 1 << 34 else 10
-    return Prefix(pieces.pieces, pieces.length, tensors, frozenset(splicer.seen),
+    return Prefix(pieces.pieces, pieces.length, count, frozenset(splicer.seen),
                   payload_bytes, width)
 
 
-def split_converted(model: bytes, count: int) -> tuple[list[bytes], bytes, bytes] | None:
-    """Split a serialized model into its graph's first *count* initializers (their
-    contents), the rest of the graph, and the model's other fields.
+def split_converted(model: bytes, count: int) -> tuple[bytes, bytes] | None:
+    """A serialized model's graph without its first *count* initializers, and the
+    model's other fields.
 
     Returns None when the model has no graph or fewer initializers.
     """
@@ -497,19 +501,19 @@ def split_converted(model: bytes, count: int) -> tuple[list[bytes], bytes, bytes
             rest += model[field_start:pos]
     if graph is None:
         return None
-    first: list[bytes] = []
+    skipped = 0
     graph_rest = bytearray()
     pos, end = graph
     while pos < end:
         field_start = pos
         number, wire_type, a, b, pos = read_field(model, pos, end)
-        if number == F.GRAPH_INITIALIZER and wire_type == F.WT_LEN and len(first) < count:
-            first.append(model[a:b])
+        if number == F.GRAPH_INITIALIZER and wire_type == F.WT_LEN and skipped < count:
+            skipped += 1
         else:
             graph_rest += model[field_start:pos]
-    if len(first) < count:
+    if skipped < count:
         return None
-    return first, bytes(graph_rest), bytes(rest)
+    return bytes(graph_rest), bytes(rest)
 
 
 @dataclass

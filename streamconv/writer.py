@@ -207,14 +207,9 @@ class _UnitWriter:
         self.sources = Sources()
         self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
         if take_budget is None:
-            budget = [_dirty_budget()]
-
-            def take_budget(n: int) -> bool:
-                if budget[0] < n:
-                    return False
-                budget[0] -= n
-                return True
-
+            state = bytearray(_REPORT_AT)
+            _set(state, _BUDGET, _dirty_budget())
+            take_budget = _shared_budget(state)
         self.take_budget = take_budget
         self.buffer = bytearray(BUFFER_SIZE)
         self.kernel_copy = hasattr(os, "copy_file_range")
@@ -395,20 +390,19 @@ class Background:
     def start(self) -> None:
         refs = sum(u.whole for u in self.units)
         size = _REPORT_AT + (1 << 16) + 64 * refs
-        if FORK and self.total >= FORK_MIN and threading.active_count() == 1:
+        fork = FORK and self.total >= FORK_MIN and threading.active_count() == 1
+        # shared with a forked process, or private to this one
+        self._state = mmap.mmap(-1, size) if fork else bytearray(size)
+        _set(self._state, _BACK, len(self.units))
+        _set(self._state, _BUDGET, _dirty_budget())
+        if fork:
             try:
-                self._state = mmap.mmap(-1, size)
-                _set(self._state, _BACK, len(self.units))
-                _set(self._state, _BUDGET, _dirty_budget())
                 self._start_process()
                 self.mode = "process"
                 return
             except OSError as e:  # no memory or processes to spare: a thread does it
                 log.debug("cannot fork a copy process (%s); copying in a thread", e)
         self.mode = "thread"
-        self._state = bytearray(size)
-        _set(self._state, _BACK, len(self.units))
-        _set(self._state, _BUDGET, _dirty_budget())
         self._thread = threading.Thread(target=self._run_thread, name="streamconv-copy",
                                         daemon=True)
         self._thread.start()

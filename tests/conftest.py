@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -18,6 +22,25 @@ if str(ROOT) not in sys.path:
 def leftovers(folder: str | os.PathLike[str]) -> list[str]:
     """Temporary files or folders streamconv may have left in *folder*."""
     return sorted(n for n in os.listdir(folder) if n.startswith(".streamconv-"))
+
+
+class Hang(BaseException):
+    """A conversion ran past its time limit (BaseException: nothing may swallow it)."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Raise :class:`Hang` in the block once *seconds* have passed (SIGALRM)."""
+    def expire(signum: int, frame: Any) -> None:
+        raise Hang(f"no answer after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def run(path: str | os.PathLike[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -41,27 +41,10 @@ from streamconv import convert  # noqa: E402
 from streamconv.cli import main as cli_main  # noqa: E402
 from streamconv.errors import OutputError, StreamconvError  # noqa: E402
 from streamconv.verify import verify_model  # noqa: E402
+from tests.conftest import time_limit  # noqa: E402
 
 #: Seconds any single conversion in this file may take before it counts as a hang.
 SECONDS = 20.0
-
-
-class Hang(BaseException):
-    """A conversion ran past SECONDS (BaseException: nothing may swallow it)."""
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float = SECONDS) -> Iterator[None]:
-    def expire(signum: int, frame: Any) -> None:
-        raise Hang(f"no answer after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def run_cli(*argv: str, seconds: float = SECONDS) -> tuple[int, str, str]:

@@ -33,7 +33,6 @@ import hashlib
 import io
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -59,6 +58,7 @@ from streamconv.cli import main as cli_main  # noqa: E402
 from streamconv.errors import StreamconvError, WireFormatError  # noqa: E402
 from streamconv.fields import DATA_TYPES, payload_nbytes  # noqa: E402
 from streamconv.verify import SCAN_THRESHOLD, iter_tensors, verify_model  # noqa: E402
+from tests.conftest import Hang, time_limit  # noqa: E402
 
 # ---------------------------------------------------------------------------
 # Budget
@@ -450,24 +450,6 @@ SEED_NAMES = sorted(SEEDS)
 # ---------------------------------------------------------------------------
 # Running one input
 # ---------------------------------------------------------------------------
-
-
-class Hang(BaseException):
-    """An input took longer than PER_INPUT_SECONDS (BaseException: nothing may swallow it)."""
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float) -> Iterator[None]:
-    def expire(signum: int, frame: Any) -> None:
-        raise Hang(f"no answer after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def snapshot(folder: Path) -> dict[str, str]:
