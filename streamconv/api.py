@@ -275,6 +275,7 @@ def convert(
     checksum: bool = False,
     inline_functions: bool = False,
     reuse_data: bool = False,
+    strict_onnx: bool = False,
     progress: ProgressCallback | None = None,
 ) -> Report:
     """Convert the ONNX model at *src* to ai.onnx *opset* and write it to *dst*.
@@ -287,8 +288,10 @@ def convert(
     is written; *checksum* records each external tensor's SHA-1;
     *inline_functions* inlines model-local functions before conversion;
     *reuse_data* references the input's own external-data files in place
-    (where they lie inside the output's folder) instead of copying them.  The
-    input is not modified; the output appears atomically.  *progress* is
+    (where they lie inside the output's folder) instead of copying them.
+    Downgrades cross one opset at a time with onnx's adapters where they are
+    right and streamconv's own elsewhere; *strict_onnx* uses onnx's converter
+    alone, as it is.  The input is not modified; the output appears atomically.  *progress* is
     called with (bytes written, bytes to write), possibly from a worker thread.
 
     Raises UsageError for bad options, WireFormatError/LimitError for a
@@ -353,7 +356,8 @@ def convert(
         opset_from = converter.default_opset(skeleton.model)
         try:
             result = converter.convert_model(
-                skeleton.model, target, inline_functions=inline_functions
+                skeleton.model, target, inline_functions=inline_functions,
+                strict_onnx=strict_onnx,
             )
         except UnicodeError as e:
             # protobuf hands strings that are not UTF-8 over as bytes

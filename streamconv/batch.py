@@ -122,6 +122,7 @@ class BatchOptions:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     copy_other: bool = False
+    strict_onnx: bool = False
 
     def validate(self) -> None:
         """Raise UsageError naming the first invalid option."""
@@ -560,7 +561,7 @@ def _convert_one(job: _Job, probe: _Probe | None, options: BatchOptions, staging
     report = convert(
         job.src, staged, opset=options.opset, layout=layout,
         size_threshold=options.size_threshold, align=options.align, check=options.check,
-        progress=progress,
+        strict_onnx=options.strict_onnx, progress=progress,
     )
     hook.fire()
     data_files = [os.path.relpath(report.data_file, staging).replace(os.sep, "/")] \
@@ -1366,6 +1367,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="skip the onnx.checker validation of each result")
     p.add_argument("--force", action="store_true",
                    help="redo outputs even when they are up to date")
+    p.add_argument("--strict-onnx", action="store_true",
+                   help="use onnx's version converter alone (its adapters only)")
     p.add_argument("--force-convert", action="store_true",
                    help="convert models already at the target opset instead of copying them")
     p.add_argument("--verify", action="store_true",
@@ -1429,6 +1432,7 @@ def run_batch(argv: Sequence[str]) -> int:
             jobs=_default_jobs() if args.jobs is None else args.jobs,
             layout=args.layout, size_threshold=args.size_threshold, align=args.align,
             check=args.check, force=args.force, force_convert=args.force_convert,
+            strict_onnx=args.strict_onnx,
             timeout=args.timeout, verify=args.verify, include=tuple(args.include),
             exclude=tuple(args.exclude), copy_other=args.copy_other,
         )

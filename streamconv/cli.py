@@ -79,6 +79,9 @@ def _convert_parser() -> argparse.ArgumentParser:
                    "the output's folder) instead of copying them into a new data file")
     p.add_argument("--inline-functions", action="store_true",
                    help="inline model-local functions into the graph before conversion")
+    p.add_argument("--strict-onnx", action="store_true",
+                   help="use onnx's version converter alone (its adapters only, as they are); "
+                   "by default downgrades also use streamconv's own adapters")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     p.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     p.add_argument("--version", action="version", version=f"streamconv {__version__}")
@@ -117,7 +120,7 @@ def _run_convert(argv: Sequence[str]) -> int:
             args.input, args.output, opset=args.opset, layout=args.layout,
             size_threshold=args.size_threshold, data_name=args.data_name, align=args.align,
             check=args.check, checksum=args.checksum, inline_functions=args.inline_functions,
-            reuse_data=args.reuse_data, progress=update,
+            reuse_data=args.reuse_data, strict_onnx=args.strict_onnx, progress=update,
         )
     finally:
         if bar is not None:

@@ -91,7 +91,26 @@ def _reason(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def _run_converter(model: onnx.ModelProto, target: int, what: str) -> onnx.ModelProto:
+def _run_converter(
+    model: onnx.ModelProto, target: int, what: str, strict: bool = False
+) -> onnx.ModelProto:
+    """*model* converted to *target*: downgrades step by step past onnx's adapters.
+
+    With *strict*, or for upgrades, onnx's converter alone does the work.
+    """
+    source = _default_version(model.opset_import)
+    if not strict and source is not None and target < source:
+        from . import steps
+
+        try:
+            return steps.convert_down(model, target)
+        except steps.StepError as e:
+            raise ConversionError(
+                f"cannot convert {what} to opset {target}: {e.obstacle.describe()}; "
+                f"it can be converted to opsets {e.obstacle.step}..{max_opset()}"
+            ) from e
+        except steps.OnnxStepError as e:
+            raise ConversionError(f"onnx's version converter failed on {what}: {e}") from e
     try:
         return version_converter.convert_version(model, target)
     except Exception as e:  # onnx raises ConvertError, RuntimeError, ValueError…
@@ -262,7 +281,7 @@ def _graph_model(
 
 
 def _convert_function(
-    fn: onnx.FunctionProto, target: int, model: onnx.ModelProto
+    fn: onnx.FunctionProto, target: int, model: onnx.ModelProto, strict: bool = False
 ) -> onnx.FunctionProto:
     """Convert a function body to *target*; raise ConversionError naming the function."""
     out = onnx.FunctionProto()
@@ -282,7 +301,7 @@ def _convert_function(
     if source != target:
         held = _hold_references(body, fn, source, target, what)
         imports = [*fn.opset_import, helper.make_opsetid(HELD_DOMAIN, 1)]
-        converted = _run_converter(_graph_model(body, imports, model), target, what)
+        converted = _run_converter(_graph_model(body, imports, model), target, what, strict)
         for node in converted.graph.node:
             if node.domain == HELD_DOMAIN:
                 node.CopyFrom(held[tuple(node.output)])
@@ -428,7 +447,7 @@ def _close_graph(graph: onnx.GraphProto, main: onnx.GraphProto) -> onnx.GraphPro
 
 
 def _convert_training(
-    info: onnx.TrainingInfoProto, target: int, model: onnx.ModelProto
+    info: onnx.TrainingInfoProto, target: int, model: onnx.ModelProto, strict: bool = False
 ) -> onnx.TrainingInfoProto:
     out = onnx.TrainingInfoProto()
     out.CopyFrom(info)
@@ -438,7 +457,9 @@ def _convert_training(
             continue
         what = f"training_info {name} graph {graph.name!r}"
         closed = _close_graph(graph, model.graph)
-        converted = _run_converter(_graph_model(closed, model.opset_import, model), target, what)
+        converted = _run_converter(
+            _graph_model(closed, model.opset_import, model), target, what, strict
+        )
         del converted.graph.input[len(graph.input):]
         _restore_graph(graph, converted.graph, unknown=False)
         getattr(out, name).CopyFrom(converted.graph)
@@ -446,9 +467,14 @@ def _convert_training(
 
 
 def convert_model(
-    model: onnx.ModelProto, target: int, *, inline_functions: bool = False
+    model: onnx.ModelProto, target: int, *, inline_functions: bool = False,
+    strict_onnx: bool = False,
 ) -> Converted:
     """Convert *model* (a skeleton) to ai.onnx *target*, keeping what onnx drops.
+
+    Downgrades go step by step through :mod:`streamconv.steps` (onnx's
+    adapters where they are right, streamconv's own elsewhere); with
+    *strict_onnx* only onnx's converter is used.
 
     Raises ConversionError carrying onnx's reason (and the function or graph
     it failed on) when the converter refuses.
@@ -473,11 +499,15 @@ def convert_model(
         del work.training_info[:]
     if sparse:
         _add_placeholders(work.graph)
-    converted = _run_converter(work, target, "the main graph")
+    converted = _run_converter(work, target, "the main graph", strict_onnx)
     unknown = _has_unknown_fields(model)
     _restore_graph(model.graph, converted.graph, unknown)
-    converted.functions.extend(_convert_function(fn, target, model) for fn in functions)
-    converted.training_info.extend(_convert_training(t, target, model) for t in training)
+    converted.functions.extend(
+        _convert_function(fn, target, model, strict_onnx) for fn in functions
+    )
+    converted.training_info.extend(
+        _convert_training(t, target, model, strict_onnx) for t in training
+    )
     if unknown:
         _carry_unknown(model, converted)
     needed = min_ir_version(target)

@@ -1,0 +1,424 @@
+"""Walk a model down one opset at a time, past what onnx's converter can do.
+
+At each step ``v -> v-1`` only the nodes whose op changed at ``v`` are
+affected.  For each, the step table (:mod:`._table`) says how it crosses:
+onnx's adapter, unchanged after a schema check, a streamconv adapter, the
+op's function body, or a refusal.  Nodes streamconv handled are *held* (moved
+to a private domain) while onnx's converter does the rest of the step, then
+put back.  Steps where only onnx works are run as one call to onnx, retried
+one step at a time if onnx trips on a node an adapter of its own produced.
+The walk covers the main graph and subgraphs at any depth; function bodies
+and training graphs come here through :func:`convert_down` too.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import onnx
+from onnx import defs, helper, shape_inference, version_converter
+
+from . import adapters as _adapters  # noqa: F401  (registers the adapters)
+from ._context import ADAPTERS, Refusal, StepContext
+from ._expand import expand_function
+from ._schema import fit_older_schema, schema_at
+from ._table import Kind, find_step
+
+__all__ = ["Obstacle", "StepError", "convert_down", "lowest_opset"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DOMAINS = ("", "ai.onnx")
+HELD = "streamconv.step.held"
+#: expansions inside expansions deeper than this are taken for a loop
+MAX_EXPANSIONS = 8
+
+
+@dataclass
+class Obstacle:
+    """The first node that cannot cross a step, and why."""
+
+    step: int  # the node cannot go below this opset
+    op: str
+    node: str
+    path: str
+    reason: str
+
+    def describe(self) -> str:
+        return (f"node {self.node!r} ({self.op}, {self.path}) has no equivalent below opset "
+                f"{self.step}: {self.reason}")
+
+
+class StepError(Exception):
+    """A node cannot cross an opset step; carries the :class:`Obstacle`."""
+
+    def __init__(self, obstacle: Obstacle) -> None:
+        super().__init__(obstacle.describe())
+        self.obstacle = obstacle
+
+
+class OnnxStepError(Exception):
+    """onnx's converter failed on a step streamconv left to it."""
+
+
+def _graphs(graph: onnx.GraphProto, path: str) -> Iterator[tuple[onnx.GraphProto, str]]:
+    yield graph, path
+    for i, node in enumerate(graph.node):
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(attr.g, f"{path}.node[{i}].{attr.name}")
+            for j, g in enumerate(attr.graphs):
+                yield from _graphs(g, f"{path}.node[{i}].{attr.name}[{j}]")
+
+
+def _is_stub(t: onnx.TensorProto) -> bool:
+    return t.data_location == onnx.TensorProto.EXTERNAL
+
+
+@dataclass
+class _Scope:
+    """What the contexts of one conversion share: types, constants, names."""
+
+    model: onnx.ModelProto
+    types: dict[str, onnx.TypeProto] = field(default_factory=dict)
+    constants: dict[str, onnx.TensorProto] = field(default_factory=dict)
+    names: set[str] = field(default_factory=set)
+    serial: list[int] = field(default_factory=lambda: [0])
+    typed_at: int = -1
+
+    def refresh(self, opset: int) -> None:
+        """Infer types for the model as it stands (at *opset*), once per opset."""
+        if self.typed_at == opset:
+            return
+        self.typed_at = opset
+        self.types.clear()
+        self.constants.clear()
+        try:
+            inferred = shape_inference.infer_shapes(self.model, check_type=False,
+                                                    strict_mode=False, data_prop=True)
+        except Exception as e:  # inference is help, not a requirement
+            log.debug("shape inference failed: %s", e)
+            inferred = self.model
+        for graph, _ in _graphs(inferred.graph, "graph"):
+            for v in (*graph.input, *graph.value_info, *graph.output):
+                if v.type.WhichOneof("value"):
+                    self.types.setdefault(v.name, v.type)
+            for t in graph.initializer:
+                self.types.setdefault(t.name, helper.make_tensor_type_proto(t.data_type, t.dims))
+                if not _is_stub(t):
+                    self.constants[t.name] = t
+            for node in graph.node:
+                self.names.update(node.output)
+                self.names.add(node.name)
+                if node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS:
+                    for a in node.attribute:
+                        if a.name == "value" and a.type == onnx.AttributeProto.TENSOR \
+                                and not _is_stub(a.t):
+                            self.constants[node.output[0]] = a.t
+        for graph, _ in _graphs(self.model.graph, "graph"):
+            self.names.update(v.name for v in graph.input)
+            self.names.update(t.name for t in graph.initializer)
+
+    def context(self, opset: int, where: str) -> StepContext:
+        return StepContext(opset=opset, types=self.types, constants=self.constants,
+                           names=self.names, where=where, serial=self.serial)
+
+
+def _set_opset(model: onnx.ModelProto, opset: int) -> None:
+    for imp in model.opset_import:
+        if imp.domain in DEFAULT_DOMAINS:
+            imp.version = opset
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    return max(int(o.version) for o in model.opset_import if o.domain in DEFAULT_DOMAINS)
+
+
+def _affected(node: onnx.NodeProto, version: int) -> bool:
+    if node.domain not in DEFAULT_DOMAINS:
+        return False
+    schema = schema_at(node.op_type, version)
+    return schema is not None and schema.since_version == version
+
+
+def _describe(node: onnx.NodeProto, path: str, index: int) -> tuple[str, str]:
+    return node.name or (node.output[0] if node.output else node.op_type), f"{path}.node[{index}]"
+
+
+def _needs_streamconv(model: onnx.ModelProto, version: int) -> bool:
+    """Whether any node affected at *version* is one onnx does not handle."""
+    for graph, _ in _graphs(model.graph, "graph"):
+        for node in graph.node:
+            if _affected(node, version):
+                step = find_step(node.op_type, version)
+                if step is None or step.kind is not Kind.ONNX:
+                    return True
+    return False
+
+
+def _onnx_affected(model: onnx.ModelProto, version: int) -> bool:
+    return any(_affected(n, version) for g, _ in _graphs(model.graph, "graph") for n in g.node)
+
+
+def _cross(node: onnx.NodeProto, version: int, ctx: StepContext, name: str, path: str,
+           depth: int = 0) -> tuple[list[onnx.NodeProto], bool]:
+    """The nodes replacing *node* at step version -> version-1, and whether they are held.
+
+    Held nodes are valid at version-1 already; unheld ones (onnx's to adapt)
+    are left for onnx's converter.
+    """
+    step = find_step(node.op_type, version)
+    if step is None:
+        # a schema newer than the table: let onnx's converter try it
+        return [node], False
+    if step.kind is Kind.ONNX:
+        return [node], False
+    try:
+        if step.kind is Kind.COMPATIBLE:
+            fitted, problems = fit_older_schema(node, version - 1, ctx)
+            if problems:
+                raise Refusal("; ".join(problems))
+            return [fitted], True
+        if step.kind is Kind.ADAPTER:
+            fn = ADAPTERS.get((node.op_type, version))
+            if fn is None:
+                raise Refusal(f"{step.reason} (streamconv has no adapter for this step yet)")
+            return fn(node, ctx), True
+        if step.kind is Kind.EXPAND:
+            if depth >= MAX_EXPANSIONS:
+                raise Refusal("function bodies expand into themselves")
+            out: list[onnx.NodeProto] = []
+            for inner in expand_function(node, version, ctx):
+                if _affected(inner, version):
+                    crossed, held = _cross(inner, version, ctx, name, path, depth + 1)
+                    if not held:
+                        raise Refusal(f"its function body uses {inner.op_type}, which "
+                                      f"onnx's converter would have to adapt")
+                    out.extend(crossed)
+                else:
+                    out.append(inner)
+            return out, True
+        raise Refusal(step.reason)
+    except Refusal as e:
+        raise StepError(Obstacle(version, node.op_type, name, path, str(e))) from e
+
+
+def _apply_step(scope: _Scope, version: int) -> set[tuple[str, ...]]:
+    """Rewrite every affected node streamconv handles; return the held nodes' outputs."""
+    scope.refresh(version)
+    held: set[tuple[str, ...]] = set()
+    # children before parents: a parent's rewrite copies its subgraphs as they stand
+    for graph, path in reversed(list(_graphs(scope.model.graph, "graph"))):
+        if not any(_affected(n, version) for n in graph.node):
+            continue
+        new_nodes: list[onnx.NodeProto] = []
+        for i, node in enumerate(graph.node):
+            if not _affected(node, version):
+                new_nodes.append(node)
+                continue
+            name, where = _describe(node, path, i)
+            crossed, is_held = _cross(node, version, scope.context(version - 1, where),
+                                      name, where)
+            new_nodes.extend(crossed)
+            if is_held:
+                held.update(tuple(n.output) for n in crossed)
+        copies = []
+        for n in new_nodes:
+            c = onnx.NodeProto()
+            c.CopyFrom(n)
+            copies.append(c)
+        del graph.node[:]
+        graph.node.extend(copies)
+    return held
+
+
+def _run_onnx(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+    try:
+        return version_converter.convert_version(model, target)
+    except Exception as e:  # ConvertError, RuntimeError, ValueError…
+        text = str(e).strip()
+        raise OnnxStepError(text.splitlines()[0] if text else type(e).__name__) from e
+
+
+def _outer_inputs(graph: onnx.GraphProto, scope: _Scope) -> list[onnx.ValueInfoProto]:
+    """Names *graph* uses from enclosing scopes, declared so it can stand alone."""
+    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    extra: list[onnx.ValueInfoProto] = []
+    for g, _ in _graphs(graph, ""):
+        for node in g.node:
+            defined.update(node.output)
+    for g, _ in _graphs(graph, ""):
+        defined.update(i.name for i in g.input)
+        defined.update(t.name for t in g.initializer)
+    for g, _ in _graphs(graph, ""):
+        for node in g.node:
+            for name in node.input:
+                if name and name not in defined:
+                    defined.add(name)
+                    v = onnx.ValueInfoProto()
+                    v.name = name
+                    if name in scope.types:
+                        v.type.CopyFrom(scope.types[name])
+                    extra.append(v)
+    return extra
+
+
+def _onnx_step(model: onnx.ModelProto, keys: set[tuple[str, ...]], source: int, target: int,
+               scope: _Scope) -> onnx.ModelProto:
+    """onnx's converter from *source* to *target*, with held nodes kept out of its way.
+
+    *keys* are the output names of the held nodes.
+    """
+    if not keys:
+        return _run_onnx(model, target)
+    originals: dict[tuple[str, ...], onnx.NodeProto] = {}
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    for graph, _ in _graphs(work.graph, "graph"):
+        for node in graph.node:
+            key = tuple(node.output)
+            if key in keys and node.domain != HELD:
+                kept = onnx.NodeProto()
+                kept.CopyFrom(node)
+                # onnx's converter does not enter nodes of other domains: convert
+                # the subgraphs of a held node on their own
+                for attr in kept.attribute:
+                    subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+                    for sub in subs:
+                        sub.CopyFrom(_convert_subgraph(sub, work, keys, source, target, scope))
+                originals[key] = kept
+                node.domain = HELD
+                del node.attribute[:]
+    if not any(o.domain == HELD for o in work.opset_import):
+        work.opset_import.append(helper.make_opsetid(HELD, 1))
+    converted = _run_onnx(work, target)
+    for graph, _ in _graphs(converted.graph, "graph"):
+        for node in graph.node:
+            if node.domain == HELD:
+                node.CopyFrom(originals[tuple(node.output)])
+    kept_imports = [o for o in converted.opset_import if o.domain != HELD]
+    del converted.opset_import[:]
+    converted.opset_import.extend(kept_imports)
+    return converted
+
+
+def _convert_subgraph(sub: onnx.GraphProto, like: onnx.ModelProto, keys: set[tuple[str, ...]],
+                      source: int, target: int, scope: _Scope) -> onnx.GraphProto:
+    if not any(_onnx_affected_graph(g, source, target) for g, _ in _graphs(sub, "")):
+        return sub
+    extra = _outer_inputs(sub, scope)
+    standalone = onnx.ModelProto()
+    standalone.ir_version = like.ir_version
+    standalone.opset_import.extend(like.opset_import)
+    standalone.graph.CopyFrom(sub)
+    standalone.graph.input.extend(extra)
+    converted = _onnx_step(standalone, keys, source, target, scope)
+    out = converted.graph
+    del out.input[len(sub.input):]
+    return out
+
+
+def _onnx_affected_graph(graph: onnx.GraphProto, source: int, target: int) -> bool:
+    return any(_affected(n, v) for n in graph.node for v in range(target + 1, source + 1))
+
+
+def convert_down(model: onnx.ModelProto, target: int, what: str = "the main graph"
+                 ) -> onnx.ModelProto:
+    """*model* converted down to ai.onnx *target*, one opset step at a time.
+
+    Raises StepError with the first obstacle when a node cannot cross a step,
+    and OnnxStepError with onnx's reason when onnx's converter fails on a
+    step left to it.
+    """
+    source = _default_opset(model)
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    scope = _Scope(work)
+    version = source
+    pending: int | None = None  # opset the model really is at while onnx steps wait
+    while version > target:
+        if _needs_streamconv(scope.model, version):
+            if pending is not None:
+                scope = _Scope(_flush(scope.model, pending, version))
+                pending = None
+                continue  # look at this step again on what onnx produced
+            held = _apply_step(scope, version)
+            if _onnx_affected_unheld(scope.model, version, held):
+                converted = _onnx_step(scope.model, held, version, version - 1, scope)
+                scope = _Scope(converted)
+            else:
+                _set_opset(scope.model, version - 1)
+                scope.typed_at = -1
+        elif _onnx_affected(scope.model, version):
+            pending = version if pending is None else pending
+        elif pending is None:
+            _set_opset(scope.model, version - 1)
+            scope.typed_at = -1
+        version -= 1
+    if pending is not None:
+        scope = _Scope(_flush(scope.model, pending, target))
+    _set_opset(scope.model, target)
+    return scope.model
+
+
+def _onnx_affected_unheld(model: onnx.ModelProto, version: int,
+                          keys: set[tuple[str, ...]]) -> bool:
+    return any(_affected(n, version) and tuple(n.output) not in keys
+               for g, _ in _graphs(model.graph, "graph") for n in g.node)
+
+
+def _flush(model: onnx.ModelProto, source: int, target: int) -> onnx.ModelProto:
+    """onnx's converter from *source* down to *target* for steps only onnx works in.
+
+    One call when it goes through; otherwise step by step, so that nodes onnx's
+    own adapters produce get streamconv's handling where they need it.
+    """
+    try:
+        return _run_onnx(model, target)
+    except OnnxStepError:
+        if source - target == 1:
+            raise
+    work = model
+    for version in range(source, target, -1):
+        step_model = onnx.ModelProto()
+        step_model.CopyFrom(work)
+        _set_opset(step_model, version)
+        work = convert_down(step_model, version - 1) if _needs_streamconv(step_model, version) \
+            else _run_onnx(step_model, version - 1)
+    return work
+
+
+def lowest_opset(model: onnx.ModelProto) -> tuple[int, Obstacle | None]:
+    """The lowest ai.onnx opset *model* converts down to, and what stops it there.
+
+    Converts a copy of the (small) skeleton in memory; nothing is written.
+    """
+    source = _default_opset(model)
+    work = model
+    for version in range(source, 0, -1):
+        if version == 1:
+            return 1, None
+        try:
+            work = convert_down(work, version - 1)
+        except StepError as e:
+            return version, e.obstacle
+        except OnnxStepError as e:
+            culprit = _first_affected(work, version)
+            return version, Obstacle(version, culprit[0], culprit[1], culprit[2],
+                                     f"onnx's converter failed: {e}")
+    return 1, None
+
+
+def _first_affected(model: onnx.ModelProto, version: int) -> tuple[str, str, str]:
+    for graph, path in _graphs(model.graph, "graph"):
+        for i, node in enumerate(graph.node):
+            if _affected(node, version):
+                name, where = _describe(node, path, i)
+                return node.op_type, name, where
+    return "?", "?", "graph"
+
+
+def known_opset_max() -> int:
+    return int(defs.onnx_opset_version())
