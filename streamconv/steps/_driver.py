@@ -14,6 +14,7 @@ and training graphs come here through :func:`convert_down` too.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -163,46 +164,67 @@ def _onnx_affected(model: onnx.ModelProto, version: int) -> bool:
 
 
 def _cross(node: onnx.NodeProto, version: int, ctx: StepContext, name: str, path: str,
-           depth: int = 0) -> tuple[list[onnx.NodeProto], bool]:
-    """The nodes replacing *node* at step version -> version-1, and whether they are held.
+           depth: int = 0) -> list[tuple[onnx.NodeProto, bool]]:
+    """The nodes replacing *node* at step version -> version-1, each with whether it is held.
 
-    Held nodes are valid at version-1 already; unheld ones (onnx's to adapt)
-    are left for onnx's converter.
+    Held nodes are valid at version-1 already; the others are left for onnx's
+    converter to adapt (or are not affected by the step at all).
     """
     step = find_step(node.op_type, version)
     if step is None:
         # a schema newer than the table: let onnx's converter try it
-        return [node], False
+        return [(node, False)]
     if step.kind is Kind.ONNX:
-        return [node], False
+        return [(node, False)]
     try:
         if step.kind is Kind.COMPATIBLE:
             fitted, problems = fit_older_schema(node, version - 1, ctx)
             if problems:
                 raise Refusal("; ".join(problems))
-            return [fitted], True
+            return [(fitted, True)]
         if step.kind is Kind.ADAPTER:
             fn = ADAPTERS.get((node.op_type, version))
             if fn is None:
                 raise Refusal(f"{step.reason} (streamconv has no adapter for this step yet)")
-            return fn(node, ctx), True
+            return [(n, True) for n in fn(node, ctx)]
         if step.kind is Kind.EXPAND:
             if depth >= MAX_EXPANSIONS:
                 raise Refusal("function bodies expand into themselves")
-            out: list[onnx.NodeProto] = []
-            for inner in expand_function(node, version, ctx):
+            body = expand_function(node, version, ctx)
+            _infer_local(body, version, ctx)
+            out: list[tuple[onnx.NodeProto, bool]] = []
+            for inner in body:
                 if _affected(inner, version):
-                    crossed, held = _cross(inner, version, ctx, name, path, depth + 1)
-                    if not held:
-                        raise Refusal(f"its function body uses {inner.op_type}, which "
-                                      f"onnx's converter would have to adapt")
-                    out.extend(crossed)
+                    out.extend(_cross(inner, version, ctx, name, path, depth + 1))
                 else:
-                    out.append(inner)
-            return out, True
+                    out.append((inner, False))
+            return out
         raise Refusal(step.reason)
     except Refusal as e:
         raise StepError(Obstacle(version, node.op_type, name, path, str(e))) from e
+
+
+def _infer_local(nodes: list[onnx.NodeProto], opset: int, ctx: StepContext) -> None:
+    """Add the types of the values *nodes* produce to *ctx*, by inference on them alone."""
+    produced = {o for n in nodes for o in n.output if o}
+    used = [i for n in nodes for i in n.input if i and i not in produced]
+    inputs = []
+    for name in dict.fromkeys(used):
+        v = onnx.ValueInfoProto()
+        v.name = name
+        if name in ctx.types:
+            v.type.CopyFrom(ctx.types[name])
+        inputs.append(v)
+    graph = helper.make_graph(nodes, "expansion", inputs, [])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    try:
+        inferred = shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception as e:  # inference is help, not a requirement
+        log.debug("shape inference of an expansion failed: %s", e)
+        return
+    for v in inferred.graph.value_info:
+        if v.type.WhichOneof("value"):
+            ctx.types.setdefault(v.name, v.type)
 
 
 def _apply_step(scope: _Scope, version: int) -> set[tuple[str, ...]]:
@@ -219,11 +241,11 @@ def _apply_step(scope: _Scope, version: int) -> set[tuple[str, ...]]:
                 new_nodes.append(node)
                 continue
             name, where = _describe(node, path, i)
-            crossed, is_held = _cross(node, version, scope.context(version - 1, where),
-                                      name, where)
-            new_nodes.extend(crossed)
-            if is_held:
-                held.update(tuple(n.output) for n in crossed)
+            for new, is_held in _cross(node, version, scope.context(version - 1, where),
+                                       name, where):
+                new_nodes.append(new)
+                if is_held:
+                    held.add(tuple(new.output))
         copies = []
         for n in new_nodes:
             c = onnx.NodeProto()
@@ -346,7 +368,10 @@ def convert_down(model: onnx.ModelProto, target: int, what: str = "the main grap
                 continue  # look at this step again on what onnx produced
             held = _apply_step(scope, version)
             if _onnx_affected_unheld(scope.model, version, held):
-                converted = _onnx_step(scope.model, held, version, version - 1, scope)
+                try:
+                    converted = _onnx_step(scope.model, held, version, version - 1, scope)
+                except OnnxStepError as e:
+                    raise _blame(scope.model, version, e, held) from e
                 scope = _Scope(converted)
             else:
                 _set_opset(scope.model, version - 1)
@@ -378,16 +403,47 @@ def _flush(model: onnx.ModelProto, source: int, target: int) -> onnx.ModelProto:
     try:
         return _run_onnx(model, target)
     except OnnxStepError:
-        if source - target == 1:
-            raise
+        pass  # find the step, and the node, it trips on
     work = model
     for version in range(source, target, -1):
         step_model = onnx.ModelProto()
         step_model.CopyFrom(work)
         _set_opset(step_model, version)
-        work = convert_down(step_model, version - 1) if _needs_streamconv(step_model, version) \
-            else _run_onnx(step_model, version - 1)
+        if _needs_streamconv(step_model, version):
+            work = convert_down(step_model, version - 1)
+            continue
+        try:
+            work = _run_onnx(step_model, version - 1)
+        except OnnxStepError as e:
+            raise _blame(step_model, version, e, set()) from e
     return work
+
+
+def _blame(model: onnx.ModelProto, version: int, error: OnnxStepError,
+           held: set[tuple[str, ...]]) -> StepError:
+    """A StepError naming the node onnx's adapter refused at step version -> version-1."""
+    text = str(error)
+    reason = text.split("failed: ", 1)[1] if "failed: " in text else text
+    reason = re.sub(r"DataType \((\d+)\)", lambda m: _type_name(int(m.group(1))), reason)
+    candidates = []
+    for graph, path in _graphs(model.graph, "graph"):
+        for i, node in enumerate(graph.node):
+            if _affected(node, version) and tuple(node.output) not in held:
+                candidates.append((node, path, i))
+    named = [c for c in candidates if c[0].op_type in reason] or candidates
+    if not named:
+        return StepError(Obstacle(version, "?", "?", "graph", f"onnx's converter: {reason}"))
+    node, path, i = named[0]
+    name, where = _describe(node, path, i)
+    return StepError(Obstacle(version, node.op_type, name, where,
+                              f"onnx's adapter refuses it: {reason}"))
+
+
+def _type_name(elem_type: int) -> str:
+    try:
+        return f"element type {onnx.TensorProto.DataType.Name(elem_type)}"
+    except ValueError:
+        return f"element type {elem_type}"
 
 
 def lowest_opset(model: onnx.ModelProto) -> tuple[int, Obstacle | None]:
