@@ -281,9 +281,14 @@ def _graph_model(
 
 
 def _convert_function(
-    fn: onnx.FunctionProto, target: int, model: onnx.ModelProto, strict: bool = False
+    fn: onnx.FunctionProto, target: int, model: onnx.ModelProto, strict: bool = False,
+    input_types: list[onnx.TypeProto | None] | None = None,
 ) -> onnx.FunctionProto:
-    """Convert a function body to *target*; raise ConversionError naming the function."""
+    """Convert a function body to *target*; raise ConversionError naming the function.
+
+    *input_types* (from the call sites) let the step-by-step conversion check
+    the element types the body really uses.
+    """
     out = onnx.FunctionProto()
     out.CopyFrom(fn)
     source = _default_version(fn.opset_import)
@@ -294,8 +299,11 @@ def _convert_function(
     body.name = fn.name
     body.node.extend(fn.node)
     body.value_info.extend(getattr(fn, "value_info", []))
-    for name in fn.input:
-        body.input.add().name = name
+    for i, name in enumerate(fn.input):
+        value = body.input.add()
+        value.name = name
+        if input_types and i < len(input_types) and input_types[i] is not None:
+            value.type.CopyFrom(input_types[i])
     for name in fn.output:
         body.output.add().name = name
     if source != target:
@@ -420,6 +428,44 @@ def _check_references(fn: onnx.FunctionProto, body: onnx.GraphProto, what: str) 
             )
 
 
+def _call_site_types(
+    model: onnx.ModelProto, functions: list[onnx.FunctionProto]
+) -> dict[tuple[str, str], list[onnx.TypeProto | None]]:
+    """Input types of each model-local function, where all its call sites agree."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception as e:  # inference is help here, not a requirement
+        log.debug("shape inference for function call sites failed: %s", e)
+        return {}
+    wanted = {(f.domain, f.name) for f in functions}
+    types: dict[str, onnx.TypeProto] = {}
+    calls: list[onnx.NodeProto] = []
+
+    def visit(graph: onnx.GraphProto) -> None:
+        for v in (*graph.input, *graph.value_info, *graph.output):
+            if v.type.WhichOneof("value"):
+                types.setdefault(v.name, v.type)
+        for t in graph.initializer:
+            types.setdefault(t.name, helper.make_tensor_type_proto(t.data_type, t.dims))
+        for node in graph.node:
+            if (node.domain, node.op_type) in wanted:
+                calls.append(node)
+            for _, _, g in _subgraphs(node):
+                visit(g)
+
+    visit(inferred.graph)
+    out: dict[tuple[str, str], list[onnx.TypeProto | None]] = {}
+    for node in calls:
+        found = [types.get(name) if name else None for name in node.input]
+        key = (node.domain, node.op_type)
+        if key not in out:
+            out[key] = found
+            continue
+        out[key] = [a if a is not None and b is not None and a == b else None
+                    for a, b in zip(out[key], found, strict=False)]
+    return out
+
+
 def _close_graph(graph: onnx.GraphProto, main: onnx.GraphProto) -> onnx.GraphProto:
     """A copy of *graph* whose names from the main graph are declared as inputs.
 
@@ -502,8 +548,10 @@ def convert_model(
     converted = _run_converter(work, target, "the main graph", strict_onnx)
     unknown = _has_unknown_fields(model)
     _restore_graph(model.graph, converted.graph, unknown)
+    sites = _call_site_types(model, functions) if functions and not strict_onnx else {}
     converted.functions.extend(
-        _convert_function(fn, target, model, strict_onnx) for fn in functions
+        _convert_function(fn, target, model, strict_onnx, sites.get((fn.domain, fn.name)))
+        for fn in functions
     )
     converted.training_info.extend(
         _convert_training(t, target, model, strict_onnx) for t in training

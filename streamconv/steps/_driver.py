@@ -74,6 +74,18 @@ def _graphs(graph: onnx.GraphProto, path: str) -> Iterator[tuple[onnx.GraphProto
                 yield from _graphs(g, f"{path}.node[{i}].{attr.name}[{j}]")
 
 
+_Key = tuple[str, tuple[str, ...], tuple[str, ...]]
+
+
+def _key(node: onnx.NodeProto) -> _Key:
+    """How a held node is found again: op type, inputs and outputs.
+
+    Outputs alone are not enough: a branch may name its output like the If
+    node that holds it.
+    """
+    return (node.op_type, tuple(node.input), tuple(node.output))
+
+
 def _is_stub(t: onnx.TensorProto) -> bool:
     return t.data_location == onnx.TensorProto.EXTERNAL
 
@@ -121,6 +133,29 @@ class _Scope:
         for graph, _ in _graphs(self.model.graph, "graph"):
             self.names.update(v.name for v in graph.input)
             self.names.update(t.name for t in graph.initializer)
+        for graph, _ in list(_graphs(self.model.graph, "graph"))[1:]:
+            if any(o and o not in self.types for n in graph.node for o in n.output):
+                self._infer_alone(graph, opset)
+
+    def _infer_alone(self, graph: onnx.GraphProto, opset: int) -> None:
+        """Types inside a subgraph model inference did not enter (e.g. under an op of
+        another domain), inferred with the subgraph standing alone."""
+        extra, constants = _outer_values(graph, self)
+        alone = onnx.ModelProto()
+        alone.ir_version = max(self.model.ir_version, 4)
+        alone.opset_import.extend(self.model.opset_import)
+        alone.graph.CopyFrom(graph)
+        alone.graph.input.extend(extra)
+        alone.graph.initializer.extend(constants)
+        try:
+            inferred = shape_inference.infer_shapes(alone, check_type=False, strict_mode=False,
+                                                    data_prop=True)
+        except Exception as e:  # inference is help, not a requirement
+            log.debug("shape inference of a subgraph failed: %s", e)
+            return
+        for v in (*inferred.graph.value_info, *inferred.graph.output):
+            if v.type.WhichOneof("value"):
+                self.types.setdefault(v.name, v.type)
 
     def context(self, opset: int, where: str) -> StepContext:
         return StepContext(opset=opset, types=self.types, constants=self.constants,
@@ -204,6 +239,14 @@ def _cross(node: onnx.NodeProto, version: int, ctx: StepContext, name: str, path
         raise StepError(Obstacle(version, node.op_type, name, path, str(e))) from e
 
 
+def _inherit(new: onnx.NodeProto, old: onnx.NodeProto) -> None:
+    """Metadata of a rewritten node goes to the nodes that produce its outputs."""
+    if old.metadata_props and not new.metadata_props:
+        new.metadata_props.extend(old.metadata_props)
+    if old.doc_string and not new.doc_string:
+        new.doc_string = old.doc_string
+
+
 def _infer_local(nodes: list[onnx.NodeProto], opset: int, ctx: StepContext) -> None:
     """Add the types of the values *nodes* produce to *ctx*, by inference on them alone."""
     produced = {o for n in nodes for o in n.output if o}
@@ -227,10 +270,10 @@ def _infer_local(nodes: list[onnx.NodeProto], opset: int, ctx: StepContext) -> N
             ctx.types.setdefault(v.name, v.type)
 
 
-def _apply_step(scope: _Scope, version: int) -> set[tuple[str, ...]]:
+def _apply_step(scope: _Scope, version: int) -> set[_Key]:
     """Rewrite every affected node streamconv handles; return the held nodes' outputs."""
     scope.refresh(version)
-    held: set[tuple[str, ...]] = set()
+    held: set[_Key] = set()
     # children before parents: a parent's rewrite copies its subgraphs as they stand
     for graph, path in reversed(list(_graphs(scope.model.graph, "graph"))):
         if not any(_affected(n, version) for n in graph.node):
@@ -243,9 +286,11 @@ def _apply_step(scope: _Scope, version: int) -> set[tuple[str, ...]]:
             name, where = _describe(node, path, i)
             for new, is_held in _cross(node, version, scope.context(version - 1, where),
                                        name, where):
+                if new is not node and set(new.output) & set(node.output):
+                    _inherit(new, node)
                 new_nodes.append(new)
                 if is_held:
-                    held.add(tuple(new.output))
+                    held.add(_key(new))
         copies = []
         for n in new_nodes:
             c = onnx.NodeProto()
@@ -257,17 +302,33 @@ def _apply_step(scope: _Scope, version: int) -> set[tuple[str, ...]]:
 
 
 def _run_onnx(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+    """onnx's converter, with the node metadata it drops put back (by outputs)."""
+    marked = {tuple(n.output): n for g, _ in _graphs(model.graph, "graph") for n in g.node
+              if n.metadata_props or n.doc_string}
     try:
-        return version_converter.convert_version(model, target)
+        converted = version_converter.convert_version(model, target)
     except Exception as e:  # ConvertError, RuntimeError, ValueError…
         text = str(e).strip()
         raise OnnxStepError(text.splitlines()[0] if text else type(e).__name__) from e
+    if marked:
+        for g, _ in _graphs(converted.graph, "graph"):
+            for n in g.node:
+                source = marked.get(tuple(n.output))
+                if source is not None:
+                    _inherit(n, source)
+    return converted
 
 
-def _outer_inputs(graph: onnx.GraphProto, scope: _Scope) -> list[onnx.ValueInfoProto]:
-    """Names *graph* uses from enclosing scopes, declared so it can stand alone."""
+def _outer_values(graph: onnx.GraphProto, scope: _Scope
+                  ) -> tuple[list[onnx.ValueInfoProto], list[onnx.TensorProto]]:
+    """Names *graph* uses from enclosing scopes, declared so it can stand alone.
+
+    Constants (which onnx's adapters may need to read, e.g. Squeeze axes) become
+    initializers; everything else becomes a graph input.
+    """
     defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
     extra: list[onnx.ValueInfoProto] = []
+    constants: list[onnx.TensorProto] = []
     for g, _ in _graphs(graph, ""):
         for node in g.node:
             defined.update(node.output)
@@ -279,15 +340,21 @@ def _outer_inputs(graph: onnx.GraphProto, scope: _Scope) -> list[onnx.ValueInfoP
             for name in node.input:
                 if name and name not in defined:
                     defined.add(name)
+                    if name in scope.constants:
+                        t = onnx.TensorProto()
+                        t.CopyFrom(scope.constants[name])
+                        t.name = name
+                        constants.append(t)
+                        continue
                     v = onnx.ValueInfoProto()
                     v.name = name
                     if name in scope.types:
                         v.type.CopyFrom(scope.types[name])
                     extra.append(v)
-    return extra
+    return extra, constants
 
 
-def _onnx_step(model: onnx.ModelProto, keys: set[tuple[str, ...]], source: int, target: int,
+def _onnx_step(model: onnx.ModelProto, keys: set[_Key], source: int, target: int,
                scope: _Scope) -> onnx.ModelProto:
     """onnx's converter from *source* to *target*, with held nodes kept out of its way.
 
@@ -300,7 +367,7 @@ def _onnx_step(model: onnx.ModelProto, keys: set[tuple[str, ...]], source: int, 
     work.CopyFrom(model)
     for graph, _ in _graphs(work.graph, "graph"):
         for node in graph.node:
-            key = tuple(node.output)
+            key = _key(node)
             if key in keys and node.domain != HELD:
                 kept = onnx.NodeProto()
                 kept.CopyFrom(node)
@@ -319,26 +386,31 @@ def _onnx_step(model: onnx.ModelProto, keys: set[tuple[str, ...]], source: int, 
     for graph, _ in _graphs(converted.graph, "graph"):
         for node in graph.node:
             if node.domain == HELD:
-                node.CopyFrom(originals[tuple(node.output)])
+                node.CopyFrom(originals[_key(node)])
     kept_imports = [o for o in converted.opset_import if o.domain != HELD]
     del converted.opset_import[:]
     converted.opset_import.extend(kept_imports)
     return converted
 
 
-def _convert_subgraph(sub: onnx.GraphProto, like: onnx.ModelProto, keys: set[tuple[str, ...]],
+def _convert_subgraph(sub: onnx.GraphProto, like: onnx.ModelProto, keys: set[_Key],
                       source: int, target: int, scope: _Scope) -> onnx.GraphProto:
     if not any(_onnx_affected_graph(g, source, target) for g, _ in _graphs(sub, "")):
         return sub
-    extra = _outer_inputs(sub, scope)
+    extra, constants = _outer_values(sub, scope)
     standalone = onnx.ModelProto()
-    standalone.ir_version = like.ir_version
+    standalone.ir_version = max(like.ir_version, 4)  # initializers need not be inputs
     standalone.opset_import.extend(like.opset_import)
     standalone.graph.CopyFrom(sub)
     standalone.graph.input.extend(extra)
+    standalone.graph.initializer.extend(constants)
     converted = _onnx_step(standalone, keys, source, target, scope)
     out = converted.graph
     del out.input[len(sub.input):]
+    borrowed = {t.name for t in constants}
+    kept = [t for t in out.initializer if t.name not in borrowed]
+    del out.initializer[:]
+    out.initializer.extend(kept)
     return out
 
 
@@ -389,8 +461,8 @@ def convert_down(model: onnx.ModelProto, target: int, what: str = "the main grap
 
 
 def _onnx_affected_unheld(model: onnx.ModelProto, version: int,
-                          keys: set[tuple[str, ...]]) -> bool:
-    return any(_affected(n, version) and tuple(n.output) not in keys
+                          keys: set[_Key]) -> bool:
+    return any(_affected(n, version) and _key(n) not in keys
                for g, _ in _graphs(model.graph, "graph") for n in g.node)
 
 
@@ -420,7 +492,7 @@ def _flush(model: onnx.ModelProto, source: int, target: int) -> onnx.ModelProto:
 
 
 def _blame(model: onnx.ModelProto, version: int, error: OnnxStepError,
-           held: set[tuple[str, ...]]) -> StepError:
+           held: set[_Key]) -> StepError:
     """A StepError naming the node onnx's adapter refused at step version -> version-1."""
     text = str(error)
     reason = text.split("failed: ", 1)[1] if "failed: " in text else text
@@ -428,7 +500,7 @@ def _blame(model: onnx.ModelProto, version: int, error: OnnxStepError,
     candidates = []
     for graph, path in _graphs(model.graph, "graph"):
         for i, node in enumerate(graph.node):
-            if _affected(node, version) and tuple(node.output) not in held:
+            if _affected(node, version) and _key(node) not in held:
                 candidates.append((node, path, i))
     named = [c for c in candidates if c[0].op_type in reason] or candidates
     if not named:
