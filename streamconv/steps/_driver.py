@@ -362,7 +362,7 @@ def _onnx_step(model: onnx.ModelProto, keys: set[_Key], source: int, target: int
     """
     if not keys:
         return _run_onnx(model, target)
-    originals: dict[tuple[str, ...], onnx.NodeProto] = {}
+    originals: dict[_Key, onnx.NodeProto] = {}
     work = onnx.ModelProto()
     work.CopyFrom(model)
     for graph, _ in _graphs(work.graph, "graph"):
