@@ -4,7 +4,7 @@ Models of any size â€” inline past 2 GiB, with external data, or whole folders â
 are converted without loading their weights.
 """
 
-from .api import LAYOUTS, Report, convert, roundtrip
+from .api import LAYOUTS, Reach, Report, convert, reachable, roundtrip
 from .errors import (
     ConversionError,
     ExternalDataError,
@@ -21,11 +21,13 @@ __all__ = [
     "ExternalDataError",
     "LimitError",
     "OutputError",
+    "Reach",
     "Report",
     "StreamconvError",
     "UsageError",
     "WireFormatError",
     "convert",
+    "reachable",
     "roundtrip",
 ]
 

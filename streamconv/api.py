@@ -62,6 +62,8 @@ class Report:
     seconds: float
     check: str
     warnings: list[str] = field(default_factory=list)
+    #: ``[lowest, highest]`` opset the input converts to (with ``reach=True``)
+    reachable: list[int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -276,6 +278,7 @@ def convert(
     inline_functions: bool = False,
     reuse_data: bool = False,
     strict_onnx: bool = False,
+    reach: bool = False,
     progress: ProgressCallback | None = None,
 ) -> Report:
     """Convert the ONNX model at *src* to ai.onnx *opset* and write it to *dst*.
@@ -291,8 +294,10 @@ def convert(
     (where they lie inside the output's folder) instead of copying them.
     Downgrades cross one opset at a time with onnx's adapters where they are
     right and streamconv's own elsewhere; *strict_onnx* uses onnx's converter
-    alone, as it is.  The input is not modified; the output appears atomically.  *progress* is
-    called with (bytes written, bytes to write), possibly from a worker thread.
+    alone, as it is.  *reach* also works out the range of opsets the input
+    converts to (``Report.reachable``; see :func:`reachable`).  The input is
+    not modified; the output appears atomically.  *progress* is called with
+    (bytes written, bytes to write), possibly from a worker thread.
 
     Raises UsageError for bad options, WireFormatError/LimitError for a
     malformed input, ExternalDataError for bad external-data references,
@@ -363,6 +368,10 @@ def convert(
             # protobuf hands strings that are not UTF-8 over as bytes
             raise WireFormatError("a name or string in the model is not valid UTF-8",
                                   file=src) from e
+        reach_range = None
+        if reach:
+            low, _, high, _ = converter.reach(skeleton.model, strict_onnx=strict_onnx)
+            reach_range = [low, high]
         skeleton_bytes = result.model.SerializeToString()
         if check:
             _check(skeleton_bytes, skeleton, job.out.path, result.notes)
@@ -418,6 +427,7 @@ def convert(
         seconds=time.perf_counter() - started,
         check="onnx.checker.check_model(full_check=True)" if check else "skipped",
         warnings=result.notes,
+        reachable=reach_range,
     )
 
 
@@ -568,6 +578,53 @@ class _Job:
             self.data_fd = None
         if self._out is not None:
             self._out.cleanup()
+
+
+@dataclass
+class Reach:
+    """The ai.onnx opsets a model can be converted to, and what bounds them."""
+
+    source: str
+    opset: int
+    lowest: int
+    highest: int
+    #: why the model cannot go below ``lowest`` (None when it reaches opset 1)
+    below: str | None
+    #: why the model cannot go above ``highest`` (None when it reaches the newest)
+    above: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def reachable(src: str | os.PathLike[str], *, strict_onnx: bool = False,
+              size_threshold: int = DEFAULT_THRESHOLD) -> Reach:
+    """The lowest and highest ai.onnx opset the model at *src* converts to.
+
+    Works on the skeleton in memory (weights are never loaded) and writes
+    nothing; the same conversion layer as :func:`convert` decides, so a
+    conversion to any opset in the range succeeds (the output checker aside).
+    Raises the errors :func:`convert` raises for bad input.
+    """
+    src = os.fspath(src)
+    _validate_options("auto", size_threshold, DEFAULT_ALIGN, None)
+    fd, size = open_input(src)
+    buf: Any = None
+    try:
+        buf = map_file(fd, size)
+        try:
+            data, payloads = scan_payloads(buf, size, src, size_threshold)
+            converter = _load_onnx()
+            skeleton = analyze_skeleton(data, payloads, src)
+            opset = converter.default_opset(skeleton.model)
+            low, below, high, above = converter.reach(skeleton.model, strict_onnx=strict_onnx)
+        except StreamconvError as e:
+            raise e.with_file(src) from e.__cause__
+    finally:
+        if buf is not None and hasattr(buf, "close"):
+            buf.close()
+        os.close(fd)
+    return Reach(src, opset, low, high, below, above)
 
 
 def roundtrip(

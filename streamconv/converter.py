@@ -28,6 +28,7 @@ __all__ = [
     "convert_model",
     "default_opset",
     "max_opset",
+    "reach",
     "validate_target",
 ]
 
@@ -509,6 +510,61 @@ def _convert_training(
         del converted.graph.input[len(graph.input):]
         _restore_graph(graph, converted.graph, unknown=False)
         getattr(out, name).CopyFrom(converted.graph)
+    return out
+
+
+def reach(model: onnx.ModelProto, *, strict_onnx: bool = False
+          ) -> tuple[int, str | None, int, str | None]:
+    """``(lowest, why not lower, highest, why not higher)`` for a skeleton.
+
+    Functions and training graphs are converted with the main graph, as in
+    :func:`convert_model`; the walk down stops at the first step any of them
+    cannot cross.
+    """
+    source = default_opset(model)
+    newest = max_opset()
+
+    def converts(target: int) -> str | None:
+        try:
+            convert_model(model, target, strict_onnx=strict_onnx)
+        except ConversionError as e:
+            return e.message
+        return None
+
+    low, below = source, None
+    if not strict_onnx:
+        from . import steps
+
+        try:
+            low, obstacle = steps.lowest_opset(_with_bodies(model))
+            below = None if obstacle is None else obstacle.describe()
+        except steps.OnnxStepError as e:
+            low, below = source, str(e)
+    # function bodies and training graphs convert on their own: confirm the bound
+    while low < source and (why := converts(low)) is not None:
+        low, below = low + 1, why
+    if strict_onnx:
+        while low > 1 and (why := converts(low - 1)) is None:
+            low -= 1
+        if low > 1:
+            below = converts(low - 1)
+    high, above = newest, converts(newest) if newest > source else None
+    if above is not None:
+        high = source
+        while high < newest and (why := converts(high + 1)) is None:
+            high += 1
+        above = None if high == newest else converts(high + 1)
+    return low, below, high, above
+
+
+def _with_bodies(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The main graph alone (functions and training graphs are confirmed separately)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.functions[:]
+    del out.training_info[:]
+    if _has_sparse(out.graph):
+        _add_placeholders(out.graph)
     return out
 
 

@@ -290,3 +290,28 @@ def test_strict_onnx_keeps_onnx_behaviour(tmp_path: Path) -> None:
         convert(src, tmp_path / "strict.onnx", opset=13, strict_onnx=True)
     report = convert(src, tmp_path / "out.onnx", opset=13)
     assert report.opset_to == 13
+
+
+# -- reachable range ---------------------------------------------------------------------------
+
+def test_reachable_names_both_bounds(tmp_path: Path) -> None:
+    from streamconv import reachable
+
+    src = save(_add_model(TensorProto.INT16, 14), tmp_path / "int16.onnx")
+    reach = reachable(src)
+    assert (reach.opset, reach.lowest, reach.highest) == (14, 14, defs.onnx_opset_version())
+    assert reach.below is not None and "'a' is tensor(int16)" in reach.below
+    assert reach.above is None
+    src = save(_expansion_model("LayerNormalization", 17, [2, 3, 4], 2, axis=-1),
+               tmp_path / "ln.onnx")
+    reach = reachable(src)
+    assert reach.lowest < 17 and reach.below is not None
+    assert "node 'the_layernormalization' (LayerNormalization, graph.node[0]; rewritten" \
+        in reach.below
+    # the bound is exact: the lowest converts, one below does not
+    convert(src, tmp_path / "low.onnx", opset=reach.lowest)
+    with pytest.raises(ConversionError, match=f"can be converted to opsets {reach.lowest}"):
+        convert(src, tmp_path / "below.onnx", opset=reach.lowest - 1)
+    assert reachable(src, strict_onnx=True).lowest == 17
+    report = convert(src, tmp_path / "r.onnx", opset=16, reach=True)
+    assert report.reachable == [reach.lowest, reach.highest]

@@ -46,10 +46,13 @@ class Obstacle:
     node: str
     path: str
     reason: str
+    #: the op the blocked node was made of, when an earlier step rewrote the model's node
+    via: str = ""
 
     def describe(self) -> str:
-        return (f"node {self.node!r} ({self.op}, {self.path}) has no equivalent below opset "
-                f"{self.step}: {self.reason}")
+        made = f"; rewritten, it needs {self.via}" if self.via else ""
+        return (f"node {self.node!r} ({self.op}, {self.path}{made}) has no equivalent below "
+                f"opset {self.step}: {self.reason}")
 
 
 class StepError(Exception):
@@ -100,6 +103,12 @@ class _Scope:
     names: set[str] = field(default_factory=set)
     serial: list[int] = field(default_factory=lambda: [0])
     typed_at: int = -1
+    #: node name -> (name, op type, path) of the model's node it was made for
+    origins: dict[str, tuple[str, str, str]] = field(default_factory=dict)
+
+    def after(self, model: onnx.ModelProto) -> _Scope:
+        """A scope for *model*, the next state of this one's model."""
+        return _Scope(model, serial=self.serial, origins=self.origins)
 
     def refresh(self, opset: int) -> None:
         """Infer types for the model as it stands (at *opset*), once per opset."""
@@ -230,7 +239,14 @@ def _cross(node: onnx.NodeProto, version: int, ctx: StepContext, name: str, path
             out: list[tuple[onnx.NodeProto, bool]] = []
             for inner in body:
                 if _affected(inner, version):
-                    out.extend(_cross(inner, version, ctx, name, path, depth + 1))
+                    try:
+                        out.extend(_cross(inner, version, ctx, name, path, depth + 1))
+                    except StepError as e:
+                        if not e.obstacle.via:
+                            e.obstacle.via = f"{e.obstacle.op} (its function body)"
+                            e.obstacle.op = node.op_type
+                            e.args = (e.obstacle.describe(),)
+                        raise
                 else:
                     out.append((inner, False))
             return out
@@ -284,10 +300,22 @@ def _apply_step(scope: _Scope, version: int) -> set[_Key]:
                 new_nodes.append(node)
                 continue
             name, where = _describe(node, path, i)
-            for new, is_held in _cross(node, version, scope.context(version - 1, where),
-                                       name, where):
-                if new is not node and set(new.output) & set(node.output):
-                    _inherit(new, node)
+            origin = scope.origins.get(node.name)
+            try:
+                crossed = _cross(node, version, scope.context(version - 1, where), name, where)
+            except StepError as e:
+                if origin is not None and not e.obstacle.via:
+                    e.obstacle.node, e.obstacle.via, e.obstacle.path = \
+                        origin[0], f"{e.obstacle.op} ({where})", origin[2]
+                    e.obstacle.op = origin[1]
+                    e.args = (e.obstacle.describe(),)
+                raise
+            for new, is_held in crossed:
+                if new is not node:
+                    if set(new.output) & set(node.output):
+                        _inherit(new, node)
+                    if new.name and new.name not in scope.origins:
+                        scope.origins[new.name] = origin or (name, node.op_type, where)
                 new_nodes.append(new)
                 if is_held:
                     held.add(_key(new))
@@ -435,7 +463,7 @@ def convert_down(model: onnx.ModelProto, target: int, what: str = "the main grap
     while version > target:
         if _needs_streamconv(scope.model, version):
             if pending is not None:
-                scope = _Scope(_flush(scope.model, pending, version))
+                scope = scope.after(_flush(scope.model, pending, version))
                 pending = None
                 continue  # look at this step again on what onnx produced
             held = _apply_step(scope, version)
@@ -444,7 +472,7 @@ def convert_down(model: onnx.ModelProto, target: int, what: str = "the main grap
                     converted = _onnx_step(scope.model, held, version, version - 1, scope)
                 except OnnxStepError as e:
                     raise _blame(scope.model, version, e, held) from e
-                scope = _Scope(converted)
+                scope = scope.after(converted)
             else:
                 _set_opset(scope.model, version - 1)
                 scope.typed_at = -1
@@ -455,7 +483,7 @@ def convert_down(model: onnx.ModelProto, target: int, what: str = "the main grap
             scope.typed_at = -1
         version -= 1
     if pending is not None:
-        scope = _Scope(_flush(scope.model, pending, target))
+        scope = scope.after(_flush(scope.model, pending, target))
     _set_opset(scope.model, target)
     return scope.model
 
@@ -523,29 +551,11 @@ def lowest_opset(model: onnx.ModelProto) -> tuple[int, Obstacle | None]:
 
     Converts a copy of the (small) skeleton in memory; nothing is written.
     """
-    source = _default_opset(model)
-    work = model
-    for version in range(source, 0, -1):
-        if version == 1:
-            return 1, None
-        try:
-            work = convert_down(work, version - 1)
-        except StepError as e:
-            return version, e.obstacle
-        except OnnxStepError as e:
-            culprit = _first_affected(work, version)
-            return version, Obstacle(version, culprit[0], culprit[1], culprit[2],
-                                     f"onnx's converter failed: {e}")
+    try:
+        convert_down(model, 1)
+    except StepError as e:
+        return e.obstacle.step, e.obstacle
     return 1, None
-
-
-def _first_affected(model: onnx.ModelProto, version: int) -> tuple[str, str, str]:
-    for graph, path in _graphs(model.graph, "graph"):
-        for i, node in enumerate(graph.node):
-            if _affected(node, version):
-                name, where = _describe(node, path, i)
-                return node.op_type, name, where
-    return "?", "?", "graph"
 
 
 def known_opset_max() -> int:
