@@ -31,7 +31,7 @@ RTOL, ATOL = 1e-3, 1e-7
 SEED = 20261201
 #: input positions of the parameters that are frozen into initializers, per op
 FROZEN = {"Slice": {1, 2, 3, 4}, "Squeeze": {1}, "Unsqueeze": {1}, "Clip": {1, 2}, "TopK": {1},
-          "Dropout": {1, 2}, "OneHot": {1, 2}, "QuantizeLinear": {1, 2},
+          "Dropout": {1, 2}, "QuantizeLinear": {1, 2},
           "DequantizeLinear": {1, 2}}
 
 
@@ -118,6 +118,8 @@ BACKEND = (
              "test_unsqueeze_unsorted_axes test_unsqueeze_negative_axes", (11, 10, 9, 7))
     + _pairs("test_gather_0 test_gather_1 test_gather_2d_indices test_gather_negative_indices",
              (11, 10, 9))
+    + _pairs("test_onehot_without_axis test_onehot_with_axis test_onehot_negative_indices "
+             "test_onehot_out_of_range_indices test_onehot_with_negative_axis", (11, 10, 9))
     + _pairs("test_compress_0 test_compress_1 test_compress_default_axis "
              "test_compress_negative_axis", (11, 10, 9))
     + _pairs("test_hardmax_example test_hardmax_axis_0 test_hardmax_axis_2 "
@@ -177,8 +179,6 @@ REFUSED = [
     ("test_dequantizelinear_axis", 12, "the scale has 3 elements (per-axis quantization), and "
      "opset 12 quantizes per tensor only"),
     ("test_quantizelinear_axis", 12, "the scale has 3 elements (per-axis quantization)"),
-    ("test_onehot_with_axis", 10, "indices 'indices' are not a constant, and a negative index "
-     "counts from the back only from opset 11"),
     ("test_and_bcast4v4d", 6, "shapes [1, 4, 1, 6] and [3, 1, 5, 6] broadcast numpy-style, and "
      "opset 6 broadcasts only B over A with B's shape a suffix of A's"),
     ("test_xor_bcast4v4d", 6, "broadcast numpy-style"),
@@ -286,6 +286,16 @@ def test_gather_run_time_indices_counted_from_the_back(elem: int, axis: int) -> 
     assert "Where" not in _ops(ten)  # valid below 9, where Where does not exist yet
 
 
+def test_gather_run_time_scalar_index_stays_scalar() -> None:
+    node = helper.make_node("Gather", ["x", "i"], ["y"], axis=1)
+    model = _model([node], [_tensor("x", TensorProto.FLOAT, [3, 4, 5]),
+                            _tensor("i", TensorProto.INT64, [])],
+                   [_tensor("y", TensorProto.FLOAT, [3, 5])], 11)
+    x = _rng().standard_normal((3, 4, 5)).astype(np.float32)
+    ten = _like_original(model, (10, 9), [x, np.array(-1, np.int64)])[0]
+    np.testing.assert_array_equal(_run(ten, [x, np.array(-1, np.int64)])[0], x[:, -1])
+
+
 def test_gather_constant_indices_out_of_range_refused() -> None:
     model, _ = _gather(np.array([-4], dtype=np.int64), axis=0)
     _refusal(model, 10, "constant indices are out of range for an axis of length 3")
@@ -353,20 +363,71 @@ def test_scan_negative_axes() -> None:
     np.testing.assert_allclose(_run(nine, feeds)[1], np.cumsum(feeds[1], axis=1), rtol=1e-6)
 
 
-def test_onehot_constant_indices() -> None:
-    indices = numpy_helper.from_array(np.array([[0, 2], [1, 5]], dtype=np.int64), "i")
-    depth = numpy_helper.from_array(np.array(3, dtype=np.int64), "depth")
-    node = helper.make_node("OneHot", ["i", "depth", "values"], ["y"], axis=-2)
-    model = _model([node], [_tensor("values", TensorProto.FLOAT, [2])],
-                   [_tensor("y", TensorProto.FLOAT, [2, 3, 2])], 11, [indices, depth])
-    ten = _like_original(model, (10, 9), [np.array([0.5, 2.0], np.float32)])[0]
+def _onehot(indices: np.ndarray | None, axis: int, elem: int = TensorProto.INT64
+            ) -> tuple[onnx.ModelProto, list[np.ndarray]]:
+    """OneHot at 11 over depth 3 with float values; run-time indices when *indices* is None.
+
+    Depth is int64 for int64 indices and float otherwise: the pairs ORT has kernels for.
+    """
+    depth = numpy_helper.from_array(
+        np.array(3, dtype=np.int64 if elem == TensorProto.INT64 else np.float32), "depth")
+    inits = [depth]
+    inputs = [_tensor("values", TensorProto.FLOAT, [2])]
+    feeds = [np.array([0.5, 2.0], np.float32)]
+    given = indices
+    if given is None:
+        given = np.array([[0, -1, 2], [-3, -4, 3]], dtype=helper.tensor_dtype_to_np_dtype(elem))
+        inputs.insert(0, _tensor("i", elem, [2, 3]))
+        feeds.insert(0, given)
+    else:
+        inits.append(numpy_helper.from_array(given, "i"))
+    shape = list(given.shape)
+    shape.insert(axis % (len(shape) + 1), 3)
+    node = helper.make_node("OneHot", ["i", "depth", "values"], ["y"], axis=axis)
+    return _model([node], inputs, [_tensor("y", TensorProto.FLOAT, shape)], 11, inits), feeds
+
+
+def test_onehot_constant_non_negative_indices() -> None:
+    model, feeds = _onehot(np.array([[0, 2], [1, 5]], dtype=np.int64), axis=-2)
+    ten = _like_original(model, (10, 9), feeds)[0]
+    assert _ops(ten) == ["OneHot"]
     assert helper.get_attribute_value(ten.graph.node[0].attribute[0]) == 1
-    negative = onnx.ModelProto()
-    negative.CopyFrom(model)
-    negative.graph.initializer[0].CopyFrom(
-        numpy_helper.from_array(np.array([[0, -1], [1, 2]], dtype=np.int64), "i"))
-    _refusal(negative, 10, "the constant indices hold negative values, which count from the "
-             "back only from opset 11")
+
+
+@pytest.mark.parametrize("elem", [TensorProto.INT64, TensorProto.INT32, TensorProto.FLOAT])
+def test_onehot_negative_indices_counted_from_the_front(elem: int) -> None:
+    model, feeds = _onehot(None, axis=1, elem=elem)
+    ten = _like_original(model, (10, 9), feeds)[0]
+    # ONNX Runtime reads negative indices from the back at 10 as well, so the
+    # numbers alone cannot tell whether the rewrite is there: look for it
+    onehot = ten.graph.node[-1]
+    assert onehot.op_type == "OneHot" and onehot.input[0] != "i"
+    want = np.zeros((2, 3, 3), np.float32) + 0.5
+    for r, row in enumerate(feeds[0].astype(np.int64)):
+        for c, i in enumerate(row):
+            if -3 <= i < 3:
+                want[r, i % 3, c] = 2.0
+    np.testing.assert_array_equal(_run(ten, feeds)[0], want)
+    constant, feeds = _onehot(np.array([[0, -1], [-3, -4]], dtype=np.int64), axis=0)
+    assert _ops(_like_original(constant, (10,), feeds)[0])[-1] == "OneHot"
+
+
+def test_onehot_indices_of_unknown_type_refused() -> None:
+    node = helper.make_node("OneHot", ["i", "depth", "values"], ["y"])
+    model = _model([node], [helper.make_empty_tensor_value_info("i"),
+                            _tensor("depth", TensorProto.INT64, []),
+                            _tensor("values", TensorProto.FLOAT, [2])],
+                   [_tensor("y", TensorProto.FLOAT, None)], 11, check=False)
+    _refusal(model, 10, "the element type of indices 'i' is unknown, so negative ones (all "
+             "off values below opset 11) cannot be counted from the back")
+
+
+def test_gather_negative_axis_of_unknown_rank_refused() -> None:
+    node = helper.make_node("Gather", ["x", "i"], ["y"], axis=-1)
+    model = _model([node], [_tensor("x", TensorProto.FLOAT, None),
+                            _tensor("i", TensorProto.INT64, [2])],
+                   [_tensor("y", TensorProto.FLOAT, None)], 11, check=False)
+    _refusal(model, 10, "axis -1 counts from the back of an input of unknown rank")
 
 
 def test_clip_bounds_and_topk_k_computed_at_run_time_refused() -> None:

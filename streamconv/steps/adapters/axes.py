@@ -176,7 +176,6 @@ def gather(node: onnx.NodeProto, ctx: StepContext) -> list[onnx.NodeProto]:
     if axis < 0 and rank is not None:
         axis = normalise([axis], rank, "axis")[0]
         _set(out, "axis", axis)
-    made: list[onnx.NodeProto] = []
     base = node.name or "Gather"
     indices = ctx.value_of(node.input[1])
     if indices is not None and not (indices < 0).any():
@@ -196,49 +195,99 @@ def gather(node: onnx.NodeProto, ctx: StepContext) -> list[onnx.NodeProto]:
     if elem not in (onnx.TensorProto.INT32, onnx.TensorProto.INT64):
         raise Refusal("the element type of the indices is unknown, so they cannot be made "
                       "non-negative (opset 10's Gather takes no negative index)")
-    # Arithmetic rather than Where: Where exists from 9 and Less on integers from 9,
-    # while Cast, Less on floats, Mul and Add keep the rewrite valid down to 7.
-    # Casting an index to float keeps its sign exactly, whatever its size.
-    i = node.input[1]
+    if axis < 0:
+        raise Refusal(f"axis {axis} counts from the back of an input of unknown rank, so the "
+                      "length negative indices count from cannot be read")
     shape_node = ctx.node("Shape", [node.input[0]], base=f"{base}/shape")
-    axis_const, axis_name = ctx.constant(np.array([axis], dtype=np.int64), base=f"{base}/axis")
+    # a scalar index: the length comes out a scalar, and scalar indices stay scalar
+    axis_const, axis_name = ctx.constant(np.array(axis, dtype=np.int64), base=f"{base}/axis")
     dim_node = ctx.node("Gather", [shape_node.output[0], axis_name], base=f"{base}/dim", axis=0)
-    made += [shape_node, axis_const, dim_node]
-    dim_name = dim_node.output[0]
-    if elem != onnx.TensorProto.INT64:
-        cast_dim = ctx.node("Cast", [dim_name], base=f"{base}/dim", to=elem)
-        made.append(cast_dim)
-        dim_name = cast_dim.output[0]
-    as_float = ctx.node("Cast", [i], base=f"{base}/indices_float", to=onnx.TensorProto.FLOAT)
+    fixed, name = _from_the_front(ctx, node.input[1], dim_node.output[0], elem, base)
+    out.input[1] = name
+    return [shape_node, axis_const, dim_node, *fixed, out]
+
+
+def _from_the_front(ctx: StepContext, indices: str, length: str, elem: int, base: str,
+                    cast_length: bool = True) -> tuple[list[onnx.NodeProto], str]:
+    """Nodes computing ``i + length * (i < 0)`` for *indices* of element type *elem*.
+
+    *length* is an int64 scalar (of type *elem* already when not
+    *cast_length*).  Returns the nodes and the name of the result,
+    of type *elem*.  Arithmetic rather than Where: Where and Less on integers
+    exist only from 9, while Cast, Less on floats, Mul and Add are valid down
+    to 7.  Casting an index to float keeps its sign exactly, whatever its size.
+    """
+    made: list[onnx.NodeProto] = []
+    if cast_length and elem != onnx.TensorProto.INT64:
+        cast = ctx.node("Cast", [length], base=f"{base}/length", to=elem)
+        made.append(cast)
+        length = cast.output[0]
+    as_float = ctx.node("Cast", [indices], base=f"{base}/indices_float",
+                        to=onnx.TensorProto.FLOAT)
     zero_const, zero = ctx.constant(np.array(0, dtype=np.float32), base=f"{base}/zero")
     negative = ctx.node("Less", [as_float.output[0], zero], base=f"{base}/negative")
     flag = ctx.node("Cast", [negative.output[0]], base=f"{base}/negative", to=elem)
-    shift = ctx.node("Mul", [flag.output[0], dim_name], base=f"{base}/shift")
-    fixed = ctx.node("Add", [i, shift.output[0]], base=f"{base}/indices")
+    shift = ctx.node("Mul", [flag.output[0], length], base=f"{base}/shift")
+    fixed = ctx.node("Add", [indices, shift.output[0]], base=f"{base}/indices")
     made += [as_float, zero_const, negative, flag, shift, fixed]
-    out.input[1] = fixed.output[0]
-    return [*made, out]
+    return made, fixed.output[0]
 
 
 @adapter("OneHot", 11)
 def onehot(node: onnx.NodeProto, ctx: StepContext) -> list[onnx.NodeProto]:
-    """OneHot 11 -> 10: a negative ``axis`` made non-negative; indices must be non-negative.
+    """OneHot 11 -> 10: a negative ``axis`` made non-negative; negative indices from the front.
 
     Opset 10 allows axis -1 (the last) and non-negative axes; any other
     negative axis counts in the output's rank, one more than the indices'.
     Below 11 a negative index gives all off values instead of counting from
-    the back, so the indices must be a constant with no negative value.
+    the back: constant indices with no negative value cross as they are,
+    other indices get ``i + depth * (i < 0)`` in front (after the cast to
+    int64 both opsets apply to non-integer indices and depth, so the sum is
+    what opset 11 would look up), and one still negative is set to depth.
+    Raises Refusal when the element type of the indices is unknown, or an
+    axis is out of range or of unknown rank.
     """
-    indices = ctx.value_of(node.input[0])
-    if indices is None:
-        raise Refusal(f"indices {node.input[0]!r} are not a constant, and a negative index "
-                      "counts from the back only from opset 11 (below, it gives all off values)")
-    if (indices < 0).any():
-        raise Refusal("the constant indices hold negative values, which count from the back "
-                      "only from opset 11 (below, they give all off values)")
-    axis = int(attribute(node, "axis", -1))
-    if axis >= -1:
-        return [node]
     out = _copy(node)
-    _set(out, "axis", normalise([axis], indices.ndim + 1, "axis")[0])
-    return [out]
+    axis = int(attribute(node, "axis", -1))
+    if axis < -1:
+        rank = ctx.rank_of(node.input[0])
+        _set(out, "axis", normalise([axis], None if rank is None else rank + 1, "axis")[0])
+    indices = ctx.value_of(node.input[0])
+    if indices is not None and not (indices < 0).any():
+        return [out]
+    elem = ctx.elem_type(node.input[0])
+    if elem is None:
+        raise Refusal(f"the element type of indices {node.input[0]!r} is unknown, so negative "
+                      "ones (all off values below opset 11) cannot be counted from the back")
+    base = node.name or "OneHot"
+    made: list[onnx.NodeProto] = []
+    i = node.input[0]
+    if elem not in (onnx.TensorProto.INT32, onnx.TensorProto.INT64):
+        # truncate as the op's own cast to int64 does, then count in the indices' type
+        truncated = ctx.node("Cast", [i], base=f"{base}/indices_int", to=onnx.TensorProto.INT64)
+        back = ctx.node("Cast", [truncated.output[0]], base=f"{base}/indices", to=elem)
+        made += [truncated, back]
+        i = back.output[0]
+    empty_const, empty = ctx.constant(np.zeros((0,), dtype=np.int64), base=f"{base}/scalar")
+    scalar = ctx.node("Reshape", [node.input[1], empty], base=f"{base}/depth")
+    depth = ctx.node("Cast", [scalar.output[0]], base=f"{base}/depth", to=onnx.TensorProto.INT64)
+    made += [empty_const, scalar, depth]
+    length = depth.output[0]
+    if elem != onnx.TensorProto.INT64:
+        cast = ctx.node("Cast", [length], base=f"{base}/depth", to=elem)
+        made.append(cast)
+        length = cast.output[0]
+    fixed, name = _from_the_front(ctx, i, length, elem, base, cast_length=False)
+    # An index below -depth is off at 11 but still negative here; ONNX Runtime
+    # reads a negative index from the back at every opset, so it is moved to
+    # depth, which is off under either reading.
+    as_float = ctx.node("Cast", [name], base=f"{base}/fixed_float", to=onnx.TensorProto.FLOAT)
+    zero_const, zero = ctx.constant(np.array(0, dtype=np.float32), base=f"{base}/zero")
+    below = ctx.node("Less", [as_float.output[0], zero], base=f"{base}/below")
+    flag = ctx.node("Cast", [below.output[0]], base=f"{base}/below", to=elem)
+    gap = ctx.node("Sub", [length, name], base=f"{base}/gap")
+    shift = ctx.node("Mul", [flag.output[0], gap.output[0]], base=f"{base}/off")
+    off = ctx.node("Add", [name, shift.output[0]], base=f"{base}/indices")
+    fixed += [as_float, zero_const, below, flag, gap, shift, off]
+    out.input[0] = off.output[0]
+    return [*made, *fixed, out]
