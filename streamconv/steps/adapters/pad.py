@@ -125,8 +125,8 @@ def inputs_to_attributes(node: onnx.NodeProto, ctx: StepContext) -> list[onnx.No
         value = float(item)
         # the attribute is a 32-bit float: a value it rounds would pad differently
         if float(np.float32(value)) != value and not np.isnan(value):
-            raise Refusal(f"constant_value {item!r} is not exactly a 32-bit float, which the "
-                          "attribute value of Pad below 11 is")
+            raise Refusal(f"constant_value {item.item()!r} is not exactly a 32-bit float, "
+                          "which the attribute value of Pad below 11 is")
     out = without(_trimmed(node, 1), "pads", "value")
     out.attribute.append(helper.make_attribute("pads", pads.tolist()))
     if value != 0.0 or np.signbit(value):
