@@ -227,6 +227,8 @@ BACKEND_REFUSALS: list[tuple[str, int, tuple[str, ...], str]] = [
     ("test_constant_pad_axes", 17, ("pads",), "the axes input 'axes' is not a constant, and "
      "Pad below 18 needs pads for every axis"),
     ("test_wrap_pad", 17, PADS, "mode 'wrap' exists only from opset 19"),
+    ("test_wrap_pad", 18, PADS, "mode 'wrap' exists only from opset 19"),
+    ("test_wrap_pad", 18, (), "mode 'wrap' exists only from opset 19"),
     ("test_reshape_allowzero_reordered", 13, ("shape",),
      "allowzero=1 with a 0 in shape [3, 4, 0] has no equivalent below 14"),
     ("test_reshape_allowzero_reordered", 13, (),

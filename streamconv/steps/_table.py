@@ -369,7 +369,7 @@ _ROWS: tuple[tuple[str, int, Kind, str], ...] = (
     ('Pad', 11, ADAPTER, 'pads and value moved from attributes to inputs'),
     ('Pad', 13, COMPATIBLE, 'types added: bfloat16, bool, complex128, complex64, string'),
     ('Pad', 18, ADAPTER, 'input axes added: pads may cover only some axes'),
-    ('Pad', 19, ONNX, "onnx's adapter"),
+    ('Pad', 19, ADAPTER, "mode wrap added (onnx's adapter keeps it, which is invalid below 19)"),
     ('Pad', 21, ONNX, "onnx's adapter"),
     ('Pad', 23, ONNX, "onnx's adapter"),
     ('Pad', 24, ONNX, "onnx's adapter"),

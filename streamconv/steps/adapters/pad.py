@@ -1,5 +1,8 @@
-"""Pad 18 -> 17 (axes input), 11 -> 10 (inputs back to attributes), 2 -> 1 (pads renamed).
+"""Pad 19 -> 18 (mode wrap), 18 -> 17 (axes input), 11 -> 10 (inputs back to attributes),
+2 -> 1 (pads renamed).
 
+- 19 added ``mode='wrap'``, which no older Pad has (onnx's adapter keeps it,
+  which makes an invalid model that the checker does not see).
 - 18 added an optional ``axes`` input: ``pads`` then covers only those axes.
   Below 18 ``pads`` covers every axis, so the pads of the named axes are
   spread over a full-rank pads tensor (zeros elsewhere).  That needs the axes
@@ -56,6 +59,13 @@ def _normalised_axes(axes: np.ndarray, rank: int) -> list[int]:
     if len(set(out)) != len(out):
         raise Refusal(f"axes {axes.reshape(-1).tolist()} name an axis twice")
     return out
+
+
+@adapter("Pad", 19)
+def refuse_wrap(node: onnx.NodeProto, ctx: StepContext) -> list[onnx.NodeProto]:
+    """Pad 19 -> 18: unchanged, unless the mode is wrap."""
+    _no_wrap(node)
+    return [_fit(node, ctx)]
 
 
 @adapter("Pad", 18)
