@@ -38,6 +38,7 @@ from fixtures.downgrades import (
     compare_outputs,
     normalize_reason,
     random_reason,
+    refusal_op,
     run_downgrades,
     sample_downgrades,
     summarize,
@@ -206,3 +207,7 @@ def test_refusals_are_grouped_by_their_words() -> None:
     passed_on = "<model>: onnx's version converter failed on the main graph: " + onnx_error
     assert normalize_reason(onnx_error) == normalize_reason(passed_on)
     assert normalize_reason(onnx_error) == "adapter_lookup: No Adapter To Version $17 for Pad"
+    assert refusal_op(onnx_error) == "Pad"
+    assert refusal_op(a) == "LayerNormalization"
+    assert refusal_op("adapt: No initializer or constant input to node found",
+                      ["Squeeze"]) == "Squeeze*"
