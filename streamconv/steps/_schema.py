@@ -13,9 +13,9 @@ from functools import cache
 import onnx
 from onnx import defs, helper
 
-from ._context import StepContext
+from ._context import Refusal, StepContext
 
-__all__ = ["fit_older_schema", "schema_at", "type_string"]
+__all__ = ["fit_older_schema", "fit_or_refuse", "schema_at", "type_string"]
 
 
 @cache
@@ -149,3 +149,14 @@ def fit_older_schema(node: onnx.NodeProto, older: int, ctx: StepContext
     _values("output", list(node.output), list(old.outputs), list(new.outputs), allowed,
             new_allowed, older, ctx, problems)
     return out, problems
+
+
+def fit_or_refuse(node: onnx.NodeProto, ctx: StepContext) -> onnx.NodeProto:
+    """*node* as the schema at ``ctx.opset`` takes it (an adapter's last check).
+
+    Raises Refusal listing what the older schema cannot express.
+    """
+    fitted, problems = fit_older_schema(node, ctx.opset, ctx)
+    if problems:
+        raise Refusal("; ".join(problems))
+    return fitted

@@ -11,7 +11,7 @@ from __future__ import annotations
 import onnx
 
 from .._context import Refusal, StepContext, adapter, attribute, without
-from .._schema import fit_older_schema
+from .._schema import fit_or_refuse
 
 
 @adapter("BatchNormalization", 14)
@@ -27,7 +27,4 @@ def inference_only(node: onnx.NodeProto, ctx: StepContext) -> list[onnx.NodeProt
                       "exist only in training mode, which has no equivalent below 14")
     out = without(node, "training_mode")
     del out.output[1:]
-    fitted, problems = fit_older_schema(out, ctx.opset, ctx)
-    if problems:
-        raise Refusal("; ".join(problems))
-    return [fitted]
+    return [fit_or_refuse(out, ctx)]

@@ -19,7 +19,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .._context import Refusal, StepContext, adapter, attribute, without
-from .._schema import fit_older_schema
+from .._schema import fit_or_refuse
 
 _FLOAT8 = {
     TensorProto.FLOAT8E4M3FN,
@@ -35,13 +35,6 @@ _OLD_CAST_TARGETS = {
     TensorProto.UINT8, TensorProto.UINT16, TensorProto.UINT32, TensorProto.UINT64,
 }
 
-
-def _fit(node: onnx.NodeProto, ctx: StepContext) -> onnx.NodeProto:
-    """*node* as the schema at ``ctx.opset`` takes it; Refusal with what is in the way."""
-    fitted, problems = fit_older_schema(node, ctx.opset, ctx)
-    if problems:
-        raise Refusal("; ".join(problems))
-    return fitted
 
 
 def _type_name(elem_type: int) -> str:
@@ -65,7 +58,7 @@ def cast_without_saturate(node: onnx.NodeProto, ctx: StepContext) -> list[onnx.N
     to = attribute(node, "to")
     _no_float8(node, ctx, {f"input {node.input[0]!r}": ctx.elem_type(node.input[0]),
                            "the target type (to)": None if to is None else int(to)})
-    return [_fit(without(node, "saturate"), ctx)]
+    return [fit_or_refuse(without(node, "saturate"), ctx)]
 
 
 @adapter("CastLike", 19)
@@ -75,7 +68,7 @@ def castlike_without_saturate(node: onnx.NodeProto, ctx: StepContext
     _no_float8(node, ctx, {f"input {node.input[0]!r}": ctx.elem_type(node.input[0]),
                            f"the target type (input {node.input[1]!r})":
                                ctx.elem_type(node.input[1])})
-    return [_fit(without(node, "saturate"), ctx)]
+    return [fit_or_refuse(without(node, "saturate"), ctx)]
 
 
 #: Constant-12 attribute -> (element type, whether it is a list)

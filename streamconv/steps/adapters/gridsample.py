@@ -11,7 +11,7 @@ import onnx
 from onnx import helper
 
 from .._context import Refusal, StepContext, adapter, attribute, without
-from .._schema import fit_older_schema
+from .._schema import fit_or_refuse
 
 _OLD_MODES = {"linear": "bilinear", "cubic": "bicubic", "nearest": "nearest"}
 
@@ -33,7 +33,4 @@ def four_d_old_modes(node: onnx.NodeProto, ctx: StepContext) -> list[onnx.NodePr
                       "(GridSample took only 4-D inputs)")
     out = without(node, "mode")
     out.attribute.append(helper.make_attribute("mode", _OLD_MODES[mode]))
-    fitted, problems = fit_older_schema(out, ctx.opset, ctx)
-    if problems:
-        raise Refusal("; ".join(problems))
-    return [fitted]
+    return [fit_or_refuse(out, ctx)]

@@ -19,15 +19,7 @@ import onnx
 from onnx import helper
 
 from .._context import Refusal, StepContext, adapter, attribute, without
-from .._schema import fit_older_schema
-
-
-def _fit(node: onnx.NodeProto, ctx: StepContext) -> onnx.NodeProto:
-    """*node* as the schema at ``ctx.opset`` takes it; Refusal with what is in the way."""
-    fitted, problems = fit_older_schema(node, ctx.opset, ctx)
-    if problems:
-        raise Refusal("; ".join(problems))
-    return fitted
+from .._schema import fit_or_refuse
 
 
 def _trimmed(node: onnx.NodeProto, count: int) -> onnx.NodeProto:
@@ -43,7 +35,11 @@ def _trimmed(node: onnx.NodeProto, count: int) -> onnx.NodeProto:
 
 
 def _no_wrap(node: onnx.NodeProto) -> None:
-    # onnx's 19 -> 18 adapter keeps mode 'wrap', which no Pad below 19 has
+    """Refuse mode 'wrap', which no Pad below 19 has.
+
+    Checked at every Pad step: a model may already carry it below 19 (onnx's
+    own 19 -> 18 adapter writes such models, and the checker lets them pass).
+    """
     mode = attribute(node, "mode", b"constant")
     if mode in (b"wrap", "wrap"):
         raise Refusal("mode 'wrap' exists only from opset 19")
@@ -65,7 +61,7 @@ def _normalised_axes(axes: np.ndarray, rank: int) -> list[int]:
 def refuse_wrap(node: onnx.NodeProto, ctx: StepContext) -> list[onnx.NodeProto]:
     """Pad 19 -> 18: unchanged, unless the mode is wrap."""
     _no_wrap(node)
-    return [_fit(node, ctx)]
+    return [fit_or_refuse(node, ctx)]
 
 
 @adapter("Pad", 18)
@@ -73,7 +69,7 @@ def axes_to_full_pads(node: onnx.NodeProto, ctx: StepContext) -> list[onnx.NodeP
     """Pad 18 -> 17: pads for the listed axes become pads for every axis."""
     _no_wrap(node)
     if len(node.input) < 4 or not node.input[3]:
-        return [_fit(_trimmed(node, 3), ctx)]
+        return [fit_or_refuse(_trimmed(node, 3), ctx)]
     data, pads, axes_name = node.input[0], node.input[1], node.input[3]
     axes_value = ctx.value_of(axes_name)
     if axes_value is None:
@@ -110,7 +106,7 @@ def axes_to_full_pads(node: onnx.NodeProto, ctx: StepContext) -> list[onnx.NodeP
         made.extend([zeros, places, scatter])
     out = _trimmed(node, 3)
     out.input[1] = full_name
-    return [*made, _fit(out, ctx)]
+    return [*made, fit_or_refuse(out, ctx)]
 
 
 def _constant_input(ctx: StepContext, name: str, what: str) -> np.ndarray:
@@ -141,7 +137,7 @@ def inputs_to_attributes(node: onnx.NodeProto, ctx: StepContext) -> list[onnx.No
     out.attribute.append(helper.make_attribute("pads", pads.tolist()))
     if value != 0.0 or np.signbit(value):
         out.attribute.append(helper.make_attribute("value", value))
-    return [_fit(out, ctx)]
+    return [fit_or_refuse(out, ctx)]
 
 
 @adapter("Pad", 2)
@@ -153,4 +149,4 @@ def pads_to_paddings(node: onnx.NodeProto, ctx: StepContext) -> list[onnx.NodePr
         raise Refusal("the node has no pads attribute")
     out = without(node, "pads")
     out.attribute.append(helper.make_attribute("paddings", list(pads)))
-    return [_fit(out, ctx)]
+    return [fit_or_refuse(out, ctx)]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import onnx
 
 from .._context import Refusal, StepContext, adapter, attribute, without
-from .._schema import fit_older_schema
+from .._schema import fit_or_refuse
 
 
 @adapter("AveragePool", 19)
@@ -18,7 +18,4 @@ def drop_unit_dilations(node: onnx.NodeProto, ctx: StepContext) -> list[onnx.Nod
     dilations = attribute(node, "dilations")
     if dilations is not None and any(int(d) != 1 for d in dilations):
         raise Refusal(f"dilations={list(dilations)} has no equivalent below 19")
-    fitted, problems = fit_older_schema(without(node, "dilations"), ctx.opset, ctx)
-    if problems:
-        raise Refusal("; ".join(problems))
-    return [fitted]
+    return [fit_or_refuse(without(node, "dilations"), ctx)]

@@ -10,15 +10,7 @@ from __future__ import annotations
 import onnx
 
 from .._context import Refusal, StepContext, adapter, attribute, without
-from .._schema import fit_older_schema
-
-
-def _fit(node: onnx.NodeProto, ctx: StepContext) -> onnx.NodeProto:
-    """*node* as the schema at ``ctx.opset`` takes it; Refusal with what is in the way."""
-    fitted, problems = fit_older_schema(node, ctx.opset, ctx)
-    if problems:
-        raise Refusal("; ".join(problems))
-    return fitted
+from .._schema import fit_or_refuse
 
 
 @adapter("Reshape", 14)
@@ -34,4 +26,4 @@ def drop_allowzero(node: onnx.NodeProto, ctx: StepContext) -> list[onnx.NodeProt
         if (shape == 0).any():
             raise Refusal(f"allowzero={allowzero} with a 0 in shape "
                           f"{shape.reshape(-1).tolist()} has no equivalent below 14")
-    return [_fit(without(node, "allowzero"), ctx)]
+    return [fit_or_refuse(without(node, "allowzero"), ctx)]

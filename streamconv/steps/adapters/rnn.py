@@ -15,20 +15,13 @@ from __future__ import annotations
 import onnx
 
 from .._context import Refusal, StepContext, adapter, attribute, without
-from .._schema import fit_older_schema
+from .._schema import fit_or_refuse
 
 #: input positions holding batch-first tensors: X, initial_h, initial_c (LSTM only)
 _BATCH_INPUTS = {0: [1, 0, 2], 5: [1, 0, 2], 6: [1, 0, 2]}
 #: sequence-first output -> batch-first output, per position: Y, Y_h, Y_c (LSTM only)
 _BATCH_OUTPUTS = {0: [2, 0, 1, 3], 1: [1, 0, 2], 2: [1, 0, 2]}
 
-
-def _fit(node: onnx.NodeProto, ctx: StepContext) -> onnx.NodeProto:
-    """*node* as the schema at ``ctx.opset`` takes it; Refusal with what is in the way."""
-    fitted, problems = fit_older_schema(node, ctx.opset, ctx)
-    if problems:
-        raise Refusal("; ".join(problems))
-    return fitted
 
 
 @adapter("GRU", 14)
@@ -40,7 +33,7 @@ def batch_first_to_transposes(node: onnx.NodeProto, ctx: StepContext
     layout = int(attribute(node, "layout", 0))
     out = without(node, "layout")
     if layout == 0:
-        return [_fit(out, ctx)]
+        return [fit_or_refuse(out, ctx)]
     if layout != 1:
         raise Refusal(f"layout={layout} is neither 0 nor 1")
     base = node.name or node.op_type
@@ -61,4 +54,4 @@ def batch_first_to_transposes(node: onnx.NodeProto, ctx: StepContext
         out.output[i] = seq_first
         after.append(ctx.node("Transpose", [seq_first], [name], base=f"{base}/batch_first",
                               perm=perm))
-    return [*before, _fit(out, ctx), *after]
+    return [*before, fit_or_refuse(out, ctx), *after]

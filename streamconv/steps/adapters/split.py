@@ -16,15 +16,7 @@ import numpy as np
 import onnx
 
 from .._context import Refusal, StepContext, adapter, attribute, without
-from .._schema import fit_older_schema
-
-
-def _fit(node: onnx.NodeProto, ctx: StepContext) -> onnx.NodeProto:
-    """*node* as the schema at ``ctx.opset`` takes it; Refusal with what is in the way."""
-    fitted, problems = fit_older_schema(node, ctx.opset, ctx)
-    if problems:
-        raise Refusal("; ".join(problems))
-    return fitted
+from .._schema import fit_or_refuse
 
 
 def part_sizes(length: int, parts: int) -> list[int]:
@@ -47,7 +39,7 @@ def num_outputs_to_sizes(node: onnx.NodeProto, ctx: StepContext) -> list[onnx.No
     """Split 18 -> 17: num_outputs becomes an explicit split input of sizes."""
     parts = attribute(node, "num_outputs")
     if parts is None:
-        return [_fit(node, ctx)]
+        return [fit_or_refuse(node, ctx)]
     parts = int(parts)
     if len(node.input) > 1 and node.input[1]:
         raise Refusal("the node sets both num_outputs and a split input")
@@ -69,7 +61,7 @@ def num_outputs_to_sizes(node: onnx.NodeProto, ctx: StepContext) -> list[onnx.No
     out = without(node, "num_outputs")
     del out.input[:]
     out.input.extend([data, sizes_name])
-    return [const, _fit(out, ctx)]
+    return [const, fit_or_refuse(out, ctx)]
 
 
 @adapter("Split", 11)
@@ -77,7 +69,7 @@ def axis_from_front(node: onnx.NodeProto, ctx: StepContext) -> list[onnx.NodePro
     """Split 11 -> 10: a negative axis is counted from the front."""
     axis = int(attribute(node, "axis", 0))
     if axis >= 0:
-        return [_fit(node, ctx)]
+        return [fit_or_refuse(node, ctx)]
     rank = ctx.rank_of(node.input[0])
     if rank is None:
         raise Refusal(f"axis={axis} is negative and the rank of input {node.input[0]!r} is "
@@ -86,4 +78,4 @@ def axis_from_front(node: onnx.NodeProto, ctx: StepContext) -> list[onnx.NodePro
         raise Refusal(f"axis={axis} is out of range for an input of rank {rank}")
     out = without(node, "axis")
     out.attribute.append(onnx.helper.make_attribute("axis", axis + rank))
-    return [_fit(out, ctx)]
+    return [fit_or_refuse(out, ctx)]
