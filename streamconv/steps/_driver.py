@@ -530,13 +530,48 @@ def _blame(model: onnx.ModelProto, version: int, error: OnnxStepError,
         for i, node in enumerate(graph.node):
             if _affected(node, version) and _key(node) not in held:
                 candidates.append((node, path, i))
-    named = [c for c in candidates if c[0].op_type in reason] or candidates
+    named = [c for c in candidates if c[0].op_type in reason] or _culprits(
+        model, version, candidates, held) or candidates
     if not named:
         return StepError(Obstacle(version, "?", "?", "graph", f"onnx's converter: {reason}"))
     node, path, i = named[0]
     name, where = _describe(node, path, i)
     return StepError(Obstacle(version, node.op_type, name, where,
                               f"onnx's adapter refuses it: {reason}"))
+
+
+def _culprits(model: onnx.ModelProto, version: int,
+              candidates: list[tuple[onnx.NodeProto, str, int]], held: set[_Key]
+              ) -> list[tuple[onnx.NodeProto, str, int]]:
+    """The candidates onnx trips on when it adapts them alone (the others held).
+
+    Only on the error path: one onnx call per op type, then per node of the
+    failing type while there are few.
+    """
+    scope = _Scope(model)
+    scope.refresh(version)
+    everyone = {_key(c[0]) for c in candidates} | held
+
+    def fails(group: list[tuple[onnx.NodeProto, str, int]]) -> bool:
+        keys = everyone - {_key(c[0]) for c in group}
+        try:
+            _onnx_step(model, keys, version, version - 1, scope)
+        except OnnxStepError:
+            return True
+        return False
+
+    ops = list(dict.fromkeys(c[0].op_type for c in candidates))
+    if len(ops) < 2 and len(candidates) > 16:
+        return []
+    for op in ops:
+        group = [c for c in candidates if c[0].op_type == op]
+        if len(ops) > 1 and not fails(group):
+            continue
+        if len(group) <= 16:
+            single = [c for c in group if fails([c])]
+            return single or group
+        return group
+    return []
 
 
 def _type_name(elem_type: int) -> str:
