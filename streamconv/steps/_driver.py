@@ -305,8 +305,8 @@ def _apply_step(scope: _Scope, version: int) -> set[_Key]:
                 crossed = _cross(node, version, scope.context(version - 1, where), name, where)
             except StepError as e:
                 if origin is not None and not e.obstacle.via:
-                    e.obstacle.node, e.obstacle.via, e.obstacle.path = \
-                        origin[0], f"{e.obstacle.op} ({where})", origin[2]
+                    via = "" if e.obstacle.op == origin[1] else f"{e.obstacle.op} ({where})"
+                    e.obstacle.node, e.obstacle.via, e.obstacle.path = origin[0], via, origin[2]
                     e.obstacle.op = origin[1]
                     e.args = (e.obstacle.describe(),)
                 raise

@@ -463,7 +463,7 @@ _ROWS: tuple[tuple[str, int, Kind, str], ...] = (
     ('Round', 22, ONNX, "onnx's adapter"),
     ('STFT', 17, REFUSE, 'introduced at opset 17; no older op computes it'),
     ('Scan', 8, REFUSE, 'introduced at opset 8; no older op computes it'),
-    ('Scan', 9, ONNX, "onnx's adapter"),
+    ('Scan', 9, ADAPTER, "the batch dimension and sequence_lens of Scan 8 were dropped (onnx's adapter gives the model's inputs a batch dimension instead)"),
     ('Scan', 11, ADAPTER, 'negative axis values allowed (counted from the back)'),
     ('Scan', 16, ONNX, "onnx's adapter"),
     ('Scan', 19, ONNX, "onnx's adapter"),
