@@ -117,9 +117,11 @@ class _Scope:
         self.typed_at = opset
         self.types.clear()
         self.constants.clear()
+        # no data propagation: onnx's propagates element values of large tensors
+        # too (seen: 4.9 GB of memory for a 256 MB model)
         try:
             inferred = shape_inference.infer_shapes(self.model, check_type=False,
-                                                    strict_mode=False, data_prop=True)
+                                                    strict_mode=False, data_prop=False)
         except Exception as e:  # inference is help, not a requirement
             log.debug("shape inference failed: %s", e)
             inferred = self.model
@@ -158,7 +160,7 @@ class _Scope:
         alone.graph.initializer.extend(constants)
         try:
             inferred = shape_inference.infer_shapes(alone, check_type=False, strict_mode=False,
-                                                    data_prop=True)
+                                                    data_prop=False)
         except Exception as e:  # inference is help, not a requirement
             log.debug("shape inference of a subgraph failed: %s", e)
             return
@@ -277,7 +279,7 @@ def _infer_local(nodes: list[onnx.NodeProto], opset: int, ctx: StepContext) -> N
     graph = helper.make_graph(nodes, "expansion", inputs, [])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     try:
-        inferred = shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        inferred = shape_inference.infer_shapes(model, strict_mode=False, data_prop=False)
     except Exception as e:  # inference is help, not a requirement
         log.debug("shape inference of an expansion failed: %s", e)
         return
@@ -485,7 +487,30 @@ def convert_down(model: onnx.ModelProto, target: int, what: str = "the main grap
     if pending is not None:
         scope = scope.after(_flush(scope.model, pending, target))
     _set_opset(scope.model, target)
+    _drop_orphans(scope.model, _used_names(model))
     return scope.model
+
+
+def _used_names(model: onnx.ModelProto) -> set[str]:
+    used = {o.name for o in model.graph.output}
+    for graph, _ in _graphs(model.graph, "graph"):
+        used.update(o.name for o in graph.output)
+        for node in graph.node:
+            used.update(node.input)
+    return used
+
+
+def _drop_orphans(model: onnx.ModelProto, used_before: set[str]) -> None:
+    """Remove initializers an adapter stopped using (e.g. Pad's old pads), and only those."""
+    used = _used_names(model)
+    for graph, _ in _graphs(model.graph, "graph"):
+        declared = {v.name for v in graph.input}  # inputs stay: they are the interface
+        orphans = {t.name for t in graph.initializer
+                   if t.name in used_before and t.name not in used and t.name not in declared}
+        if orphans:
+            kept = [t for t in graph.initializer if t.name not in orphans]
+            del graph.initializer[:]
+            graph.initializer.extend(kept)
 
 
 def _onnx_affected_unheld(model: onnx.ModelProto, version: int,
