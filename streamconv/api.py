@@ -278,8 +278,9 @@ def convert(
         raise UsageError(f"--data-name {data_name!r} is the output's own name")
     folder = os.path.dirname(os.path.abspath(dst))
     if os.path.isdir(folder):  # a missing folder is reported when the output is created
+        # before any work; the publish checks again, with the names it ends up using
         try:
-            check_destination(folder, [name] if layout == "inline" else [name, data_name])
+            check_destination(folder, [name, data_name] if layout == "external" else [name])
         except OutputError as e:
             raise e.with_file(dst) from None
 
