@@ -318,6 +318,8 @@ def check_destination(folder: str, names: Iterable[str]) -> None:
 
 
 def _fsync_path(path: str, directory: bool = False) -> None:
+    if directory and os.name != "posix":
+        return  # a folder cannot be opened for syncing there; renames are durable by then
     fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
     try:
         os.fsync(fd)

@@ -22,29 +22,43 @@ from streamconv.batch import BatchOptions, convert_tree
 from tests.conftest import ROOT, leftovers
 from tests.models import reduce_chain
 
-# A child conversion that SIGKILLs itself right after its k-th rename, or removal of a
-# file outside its staging folder: a crash (or a kill -9 by a time limit) between two
-# steps of the publish.
-KILL_AFTER = textwrap.dedent("""
-    import os, signal, sys
-    sys.path.insert(0, {root!r})
-    k, calls = int(sys.argv[1]), [0]
+# Loaded as sitecustomize by a child (and by a batch's workers, which import site
+# too): the process sends itself STEP_SIGNAL right after its STEP_AT-th rename, or
+# removal of a file outside a staging folder; a crash, kill -9 by a time limit, or
+# Ctrl-C between two steps of the publish.
+STEP_HOOK = textwrap.dedent("""
+    import os, sys
+    _at, _signal, _calls = int(os.environ["STEP_AT"]), int(os.environ["STEP_SIGNAL"]), [0]
+    _workers_only = os.environ.get("STEP_WORKERS_ONLY") == "1"
 
-    def counted(real):
+    def _counted(real):
         def call(path, *args, **kwargs):
             result = real(path, *args, **kwargs)
+            if _workers_only and sys.argv[:1] != ["-c"]:  # a batch's workers run with -c
+                return result
             outside = [p for p in (path, *args) if ".streamconv-" not in os.fspath(p)]
             if kwargs.get("dir_fd") is None and outside:
-                calls[0] += 1
-                if calls[0] == k:
-                    os.kill(os.getpid(), signal.SIGKILL)
+                _calls[0] += 1
+                if _calls[0] == _at:
+                    os.kill(os.getpid(), _signal)
             return result
         return call
 
-    os.replace, os.rename, os.unlink = counted(os.replace), counted(os.rename), counted(os.unlink)
-    from streamconv.cli import main
-    sys.exit(main(sys.argv[2:]))
+    os.replace, os.rename, os.unlink = (
+        _counted(os.replace), _counted(os.rename), _counted(os.unlink))
 """)
+
+
+def _run_with_hook(tmp_path: Path, at: int, sig: int, *argv: str,
+                   workers_only: bool = False) -> subprocess.CompletedProcess[str]:
+    """``python -m streamconv *argv`` with STEP_HOOK armed (only in batch workers, or all)."""
+    site = tmp_path / "hook-site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(STEP_HOOK)
+    env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{ROOT}", "STEP_AT": str(at),
+           "STEP_SIGNAL": str(int(sig)), "STEP_WORKERS_ONLY": "1" if workers_only else "0"}
+    return subprocess.run([sys.executable, "-m", "streamconv", *argv], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
 
 
 def _model(tag: str, seed: int) -> onnx.ModelProto:
@@ -64,10 +78,15 @@ def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
 
 
-def _kill_after(script: Path, k: int, *args: str) -> int:
-    proc = subprocess.run([sys.executable, str(script), str(k), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    return proc.returncode
+def _check_pair(model_path: Path, models: dict[str, onnx.ModelProto], what: str) -> None:
+    """The model at *model_path*, if any, loads with the weights of the model it is."""
+    if not model_path.exists():
+        return  # for the moment a data file is replaced, there is no model at all
+    result = onnx.load(str(model_path))
+    expected = _weights(models[result.doc_string])
+    for name, array in _weights(result).items():
+        if name in expected:
+            np.testing.assert_array_equal(array, expected[name], err_msg=f"{what} {name}")
 
 
 def test_a_kill_between_any_two_publish_steps_leaves_a_matching_pair(tmp_path: Path) -> None:
@@ -76,8 +95,6 @@ def test_a_kill_between_any_two_publish_steps_leaves_a_matching_pair(tmp_path: P
     for tag, model in models.items():
         sources[tag] = tmp_path / f"{tag}.onnx"
         onnx.save(model, str(sources[tag]))
-    script = tmp_path / "kill_after.py"
-    script.write_text(KILL_AFTER.format(root=str(ROOT)))
     out = tmp_path / "out"
     out.mkdir()
     dst = out / "m.onnx"
@@ -90,25 +107,71 @@ def test_a_kill_between_any_two_publish_steps_leaves_a_matching_pair(tmp_path: P
     for k in range(1, 12):
         shutil.rmtree(out)
         shutil.copytree(pristine, out)
-        code = _kill_after(script, k, str(sources["B"]), str(dst), *args)
+        code = _run_with_hook(tmp_path, k, signal.SIGKILL, str(sources["B"]), str(dst),
+                              *args).returncode
         if code == 0:
             break
         assert code == -signal.SIGKILL, code
         killed += 1
         # whatever the moment of the kill, a model in place and its data match
-        # (for the moment a data file is replaced, there is no model at all)
-        if dst.exists():
-            result = onnx.load(str(dst))
-            expected = _weights(models[result.doc_string])
-            for name, array in _weights(result).items():
-                if name in expected:
-                    np.testing.assert_array_equal(array, expected[name],
-                                                  err_msg=f"k={k} {name}")
+        _check_pair(dst, models, f"killed after step {k}:")
         # and the next conversion into the folder cleans up after the crash
         convert(sources["B"], dst, opset=13, layout="external", size_threshold=0)
         assert sorted(os.listdir(out)) == ["m.onnx", "m.onnx.data"], (k, os.listdir(out))
         assert onnx.load(str(dst)).doc_string == "B"
     assert killed >= 2  # the publish has steps to be killed between
+
+
+def test_a_signal_during_the_publish_waits_for_it_to_finish(tmp_path: Path) -> None:
+    models = {"A": _model("A", 1), "B": _model("B", 2)}
+    for tag, model in models.items():
+        onnx.save(model, str(tmp_path / f"{tag}.onnx"))
+    dst = tmp_path / "out" / "m.onnx"
+    dst.parent.mkdir()
+    convert(tmp_path / "A.onnx", dst, opset=13, layout="external", size_threshold=0)
+    proc = _run_with_hook(tmp_path, 1, signal.SIGTERM, str(tmp_path / "B.onnx"), str(dst),
+                          "--opset", "13", "--layout", "external", "--size-threshold", "0")
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    assert "interrupted" in proc.stderr and "Traceback" not in proc.stderr
+    # the signal came at the first step of the publish, which then ran to its end
+    assert onnx.load(str(dst)).doc_string == "B"
+    _check_pair(dst, models, "after SIGTERM:")
+    assert sorted(os.listdir(dst.parent)) == ["m.onnx", "m.onnx.data"]
+
+
+def test_a_batch_worker_killed_between_publish_steps_leaves_a_matching_pair(
+    tmp_path: Path
+) -> None:
+    """A model copied through (at the target already), with its external data."""
+    models = {"A": _model("A", 1), "B": _model("B", 2)}
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+
+    def write_source(tag: str) -> None:
+        (src / "m.bin").unlink(missing_ok=True)  # onnx appends to an existing data file
+        at_target = onnx.version_converter.convert_version(models[tag], 13)
+        onnx.save(at_target, str(src / "m.onnx"), save_as_external_data=True,
+                  location="m.bin", size_threshold=0)
+
+    write_source("A")
+    assert convert_tree(src, out, BatchOptions(opset=13)).models[0].status == "at_target"
+    write_source("B")
+    pristine = tmp_path / "pristine"
+    shutil.copytree(out, pristine)
+    killed = 0
+    for k in range(1, 12):
+        shutil.rmtree(out)
+        shutil.copytree(pristine, out)
+        proc = _run_with_hook(tmp_path, k, signal.SIGKILL, "batch", str(src), str(out),
+                              "--opset", "13", "--force", "--jobs", "1", "-q",
+                              workers_only=True)
+        if proc.returncode == 0:
+            break
+        assert proc.returncode == 1, proc.stderr  # the model failed: its worker died
+        killed += 1
+        _check_pair(out / "m.onnx", models, f"worker killed after step {k}:")
+        assert leftovers(out) == []  # the parent removed the dead worker's staging folder
+    assert killed >= 2
 
 
 def test_a_folder_at_the_model_path_is_refused_before_anything_moves(tmp_path: Path) -> None:
