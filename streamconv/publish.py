@@ -343,10 +343,13 @@ def _makedirs(path: str, durable: bool) -> None:
             _fsync_path(os.path.dirname(new), directory=True)
 
 
-def replace_file(staged: str, final: str, *, fsync: bool = True) -> None:
-    """Move the complete file *staged* to *final* by rename, durably with *fsync*."""
+def replace_file(staged: str, final: str, *, fsync: bool = True, synced: bool = False) -> None:
+    """Move the complete file *staged* to *final* by rename, durably with *fsync*.
+
+    *synced* says the caller already synced *staged* itself.
+    """
     _makedirs(os.path.dirname(final), fsync)
-    if fsync:
+    if fsync and not synced:
         _fsync_path(staged)
     os.replace(staged, final)
     if fsync:
@@ -390,9 +393,9 @@ def publish(
 
     Data files first, the model last; a model in place is removed first when a
     data file it may refer to is about to be replaced (see the module
-    docstring).  Files named in *superseded* are removed after the new model is in place,
-    unless they are part of the new output or the same file as one in
-    *protect*.  Signals are held throughout.  Raises OutputError when the
+    docstring).  Files named in *superseded* are removed after the new model
+    is in place, unless they are part of the new output or the same file as
+    one in *protect*.  Signals are held throughout.  Raises OutputError when the
     destination cannot take the files; nothing is moved then.
     """
     folder = staging.folder
@@ -407,6 +410,7 @@ def publish(
     with signals_held():
         try:
             if fsync:
+                # the slow part first, so that any moment without a model stays short
                 for name in (*data, model):
                     _fsync_path(staged(name))
             if os.path.lexists(final(model)) and any(os.path.lexists(final(d)) for d in data):
@@ -416,8 +420,8 @@ def publish(
                 if fsync:
                     _fsync_path(folder, directory=True)
             for name in data:
-                replace_file(staged(name), final(name), fsync=fsync)
-            replace_file(staged(model), final(model), fsync=fsync)
+                replace_file(staged(name), final(name), fsync=fsync, synced=True)
+            replace_file(staged(model), final(model), fsync=fsync, synced=True)
             _remove_superseded(folder, superseded, {model, *data}, protect, fsync)
         except OSError as e:
             raise OutputError(f"cannot move the output into place: {e.strerror or e}") from e
