@@ -2,7 +2,9 @@
 
 ``python -m bench.copyrange SRC DST`` copies SRC to DST with ``os.copy_file_range``
 and nothing else, so its wall time is the floor any file-to-file tool can reach
-on this machine.  It imports only ``os`` and ``sys`` to keep start-up negligible.
+on this machine.  With ``--fsync`` it then syncs the file and its folder, the
+floor for a durable copy (streamconv syncs its outputs by default).  It imports
+only ``os`` and ``sys`` to keep start-up negligible.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ __all__ = ["copy_file", "main"]
 _STEP = 1 << 62
 
 
-def copy_file(src: str, dst: str) -> int:
+def copy_file(src: str, dst: str, fsync: bool = False) -> int:
     """Copy *src* to a new file *dst* with ``os.copy_file_range``; return bytes copied.
+
+    With *fsync*, the file and then its folder are synced before returning.
 
     Raises OSError if either file cannot be opened or the copy fails, and
     EOFError if *src* ends before the size it had when opened.
@@ -36,21 +40,31 @@ def copy_file(src: str, dst: str) -> int:
                 if n == 0:
                     raise EOFError(f"{src} ended at byte {done} of {size}")
                 done += n
-            return done
+            if fsync:
+                os.fsync(dst_fd)
         finally:
             os.close(dst_fd)
     finally:
         os.close(src_fd)
+    if fsync:
+        folder = os.open(os.path.dirname(os.path.abspath(dst)), os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    return done
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: ``SRC DST``; return the exit status."""
-    args = sys.argv[1:] if argv is None else argv
+    args = list(sys.argv[1:] if argv is None else argv)
+    fsync = "--fsync" in args
+    args = [a for a in args if a != "--fsync"]
     if len(args) != 2:
-        print("usage: python -m bench.copyrange SRC DST", file=sys.stderr)
+        print("usage: python -m bench.copyrange [--fsync] SRC DST", file=sys.stderr)
         return 2
     try:
-        copy_file(args[0], args[1])
+        copy_file(args[0], args[1], fsync)
     except (OSError, EOFError) as e:
         print(f"copyrange: error: {e}", file=sys.stderr)
         return 1

@@ -82,6 +82,8 @@ class Summary:
     load_1min: float | None
     commit: str = ""
     note: str = ""
+    #: median per-repetition ratio to the copy that also fsyncs (the durable reference)
+    x_copy_fsync: float | None = None
 
     @property
     def file_gb(self) -> float:
@@ -130,6 +132,8 @@ def summarize(
             load_1min=statistics.median(r.load_1min for r in mine),
             commit=",".join(sorted({r.commit for r in mine})),
             note=notes.get(tool.name, ""),
+            x_copy_fsync=_paired_ratio(mine, [r for r in runs
+                                              if r.tool == "copy_file_range_fsync"]),
         ))
     return out
 
@@ -203,19 +207,20 @@ def _model_label(row: Summary) -> str:
 def format_table(rows: Sequence[Summary], markdown: bool = False) -> str:
     """The result table: wall time, ratios to cp and to copy_file_range, peak RSS."""
     labels = {t.name: t.label for t in TOOLS}
-    head = ["model", "tool", "wall s", "x cp", "x copy_file_range", "peak RSS MB", "cached",
-            "load", "note"]
+    head = ["model", "tool", "wall s", "x cp", "x copy_file_range", "x copy+fsync",
+            "peak RSS MB", "cached", "load", "note"]
     body = []
     for r in rows:
         if r.runs == 0:
-            body.append([_model_label(r), labels[r.tool], "", "", "", "", "", "", r.note])
+            body.append([_model_label(r), labels[r.tool], "", "", "", "", "", "", "", r.note])
             continue
         spread = f"{r.wall_median_s:.2f}"
         if r.runs > 1 and not markdown:
             spread += f" ({r.wall_min_s:.2f}-{r.wall_max_s:.2f})"
         body.append([
             _model_label(r), labels[r.tool], spread, _fmt(r.x_cp, ".2f"),
-            _fmt(r.x_copy_file_range, ".2f"), _fmt(r.peak_rss_mb, ".0f"),
+            _fmt(r.x_copy_file_range, ".2f"), _fmt(r.x_copy_fsync, ".2f"),
+            _fmt(r.peak_rss_mb, ".0f"),
             _fmt(r.input_cached, ".0%", "?"), _fmt(r.load_1min, ".1f"), r.note,
         ])
     if markdown:

@@ -51,6 +51,10 @@ TOOLS: tuple[Tool, ...] = (
         (_PY, "-m", "bench.copyrange", "{src}", "{dst}"),
     ),
     Tool(
+        "copy_file_range_fsync", "os.copy_file_range copy + fsync",
+        (_PY, "-m", "bench.copyrange", "--fsync", "{src}", "{dst}"),
+    ),
+    Tool(
         "streamconv_external", "streamconv --layout external",
         (_PY, "-m", "streamconv", "{src}", "{dst}", "--opset", _OPSET, "--layout", "external",
          "-q"),
@@ -60,6 +64,17 @@ TOOLS: tuple[Tool, ...] = (
         "streamconv_inline", "streamconv --layout inline",
         (_PY, "-m", "streamconv", "{src}", "{dst}", "--opset", _OPSET, "--layout", "inline",
          "-q"),
+    ),
+    Tool(
+        "streamconv_external_nofsync", "streamconv --layout external --no-fsync",
+        (_PY, "-m", "streamconv", "{src}", "{dst}", "--opset", _OPSET, "--layout", "external",
+         "--no-fsync", "-q"),
+        sidecar=True,
+    ),
+    Tool(
+        "streamconv_inline_nofsync", "streamconv --layout inline --no-fsync",
+        (_PY, "-m", "streamconv", "{src}", "{dst}", "--opset", _OPSET, "--layout", "inline",
+         "--no-fsync", "-q"),
     ),
     Tool(
         "onnx", "onnx load+convert_version+save",

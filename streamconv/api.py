@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import stat
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -14,6 +12,7 @@ from types import ModuleType
 from typing import Any
 
 from .errors import ConversionError, OutputError, StreamconvError, UsageError, WireFormatError
+from .publish import Staging, check_destination, previous_data_files, publish, signals_held
 from .scan import map_file
 from .skeleton import MARKER, Payload, Skeleton, analyze_skeleton, build_skeleton, scan_payloads
 from .splice import (
@@ -98,60 +97,14 @@ def _same_file(a: str, b: str) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
-class _OutputDir:
-    """A private temporary folder beside the destination; files move out by rename."""
-
-    def __init__(self, dst: str) -> None:
-        folder = os.path.dirname(os.path.abspath(dst))
-        if not os.path.isdir(folder):
-            raise OutputError(f"output folder {folder} does not exist")
-        self.folder = folder
-        # the name is known before the folder exists, so an interruption at any
-        # point leaves nothing the clean-up does not know about
-        self.path = os.path.join(folder, f".streamconv-{os.urandom(8).hex()}")
-
-    def create(self) -> None:
-        try:
-            os.mkdir(self.path, 0o700)
-        except OSError as e:
-            raise OutputError(f"cannot write in {self.folder}: {e.strerror}") from e
-
-    def file(self, name: str) -> str:
-        full = os.path.join(self.path, name)
-        os.makedirs(os.path.dirname(full), exist_ok=True)
-        return full
-
-    def publish(self, name: str) -> str:
-        final = os.path.join(self.folder, name)
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        os.replace(os.path.join(self.path, name), final)
-        return final
-
-    def cleanup(self) -> None:
-        import shutil
-
-        shutil.rmtree(self.path, ignore_errors=True)
-
-
-_HELD_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-
-
 def _load_onnx() -> ModuleType:
     """Import the converter stage (and onnx) with SIGINT/SIGTERM held.
 
     A Python signal handler that raises while onnx's C++ extension initializes
     aborts the interpreter; held signals are delivered right after the import.
     """
-    main = threading.current_thread() is threading.main_thread()
-    if not main or not hasattr(signal, "pthread_sigmask"):
+    with signals_held():
         from . import converter
-
-        return converter
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
-    try:
-        from . import converter
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
     return converter
 
 
@@ -279,7 +232,9 @@ def convert(
     reuse_data: bool = False,
     strict_onnx: bool = False,
     reach: bool = False,
+    fsync: bool = True,
     progress: ProgressCallback | None = None,
+    before_publish: Callable[[str], None] | None = None,
 ) -> Report:
     """Convert the ONNX model at *src* to ai.onnx *opset* and write it to *dst*.
 
@@ -296,8 +251,15 @@ def convert(
     right and streamconv's own elsewhere; *strict_onnx* uses onnx's converter
     alone, as it is.  *reach* also works out the range of opsets the input
     converts to (``Report.reachable``; see :func:`reachable`).  The input is
-    not modified; the output appears atomically.  *progress* is called with
-    (bytes written, bytes to write), possibly from a worker thread.
+    not modified; the output appears atomically, and a model in place
+    never refers to a data file that is not its own, not even for a moment
+    (see :mod:`streamconv.publish`).  With *fsync* (the default) the files and
+    their folder are synced, so the output survives a power loss.  *progress*
+    is called with (bytes written, bytes to write), possibly from a worker
+    thread.  *before_publish* is called with the path of the finished model,
+    still in its staging folder (its data file beside it), just before it is
+    moved into place; an exception it raises aborts the publish and is
+    passed on.
 
     Raises UsageError for bad options, WireFormatError/LimitError for a
     malformed input, ExternalDataError for bad external-data references,
@@ -319,8 +281,19 @@ def convert(
         raise UsageError("the output would overwrite the input", file=src)
     if os.path.exists(dst_data) and _same_file(src, dst_data):
         raise UsageError("the output's data file would overwrite the input", file=src)
+    name = os.path.basename(dst)
+    if os.path.normpath(data_name) == name:
+        raise UsageError(f"--data-name {data_name!r} is the output's own name")
+    folder = os.path.dirname(os.path.abspath(dst))
+    if os.path.isdir(folder):  # a missing folder is reported when the output is created
+        # before any work; the publish checks again, with the names it ends up using
+        try:
+            check_destination(folder, [name, data_name] if layout == "external" else [name])
+        except OutputError as e:
+            raise e.with_file(dst) from None
 
-    job = _Job(dst, progress)
+    job = _Job(dst, progress, fsync=fsync, before_publish=before_publish)
+    job.protect = [src]
     fd, size = open_input(src)
     buf: Any = None
     try:
@@ -352,6 +325,7 @@ def convert(
             skeleton = analyze_skeleton(data, payloads, src)
         except StreamconvError as e:
             raise e.with_file(src) from e.__cause__
+        job.protect += sorted({p.source for p in skeleton.payloads.values()})
         for other in {p.source for p in skeleton.payloads.values()}:
             for target_path in (dst, dst_data):
                 if os.path.exists(target_path) and _same_file(other, target_path):
@@ -434,10 +408,15 @@ def convert(
 class _Job:
     """The output side of one conversion: temporary folder, files, early sidecar copy."""
 
-    def __init__(self, dst: str, progress: ProgressCallback | None) -> None:
+    def __init__(self, dst: str, progress: ProgressCallback | None, *, fsync: bool = True,
+                 before_publish: Callable[[str], None] | None = None) -> None:
         self.dst = dst
         self.progress = progress
-        self._out: _OutputDir | None = None
+        self.fsync = fsync
+        self.before_publish = before_publish
+        #: files the publish must never remove (the input and its data files)
+        self.protect: list[str] = []
+        self._out: Staging | None = None
         self.sidecar: SidecarWriter | None = None
         self.data_name: str | None = None
         self.data_fd: int | None = None
@@ -450,9 +429,9 @@ class _Job:
         self.total = 0
 
     @property
-    def out(self) -> _OutputDir:
+    def out(self) -> Staging:
         if self._out is None:
-            self._out = _OutputDir(self.dst)
+            self._out = Staging(os.path.dirname(os.path.abspath(self.dst)))
             self._out.create()
         return self._out
 
@@ -532,12 +511,13 @@ class _Job:
         self._publish(name)
         return self.total
 
-    def _publish(self, *names: str) -> None:
-        try:
-            for name in names:
-                self.out.publish(name)
-        except OSError as e:
-            raise OutputError(f"cannot move the output into place: {e.strerror}") from e
+    def _publish(self, name: str, data: str | None = None) -> None:
+        if self.before_publish is not None:
+            self.before_publish(self.out.file(name))
+        folder = self.out.folder
+        superseded = previous_data_files(folder, name) if os.path.lexists(self.dst) else []
+        publish(self.out, name, [data] if data else [], superseded=superseded,
+                protect=self.protect, fsync=self.fsync)
 
     def write(self, plan: OutputPlan, name: str) -> int:
         """Write *plan* into the temporary folder, then publish; return bytes written."""
@@ -563,7 +543,7 @@ class _Job:
                 raise OutputError(f"writing the output failed: {e.strerror or e}") from e
         if plan.has_data:
             assert self.data_name is not None
-            self._publish(self.data_name, name)
+            self._publish(name, self.data_name)
         else:
             self._publish(name)
         return self.total

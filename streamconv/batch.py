@@ -7,10 +7,11 @@ external-data files it references) when it already is at the target opset.
 Each model is converted in a worker process of a small pool of our own: a
 worker that crashes (a C++ abort, a segfault) or runs past the time limit is
 killed and replaced, the model is reported as failed and the batch goes on.
-Each worker writes into its own staging folder at the top of DST
-(``.streamconv-batch-<pid>-w<n>``) and publishes finished files by rename, so
-an interrupted or killed worker never leaves a half-written output; the parent
-removes the staging folder of a worker it killed or that died.
+Outputs go through the one publish of :mod:`streamconv.publish`, exactly as a
+single conversion's do: staged beside their destination, moved into place
+data first and model last, synced.  So an interrupted or killed worker never
+leaves a half-written output, and the parent removes the staging folder of a
+worker it killed or that died (its owner is gone: :func:`sweep_stale`).
 
 Test hooks, honoured only inside worker processes: when the environment
 variable ``STREAMCONV_BATCH_TEST_CRASH`` (``STREAMCONV_BATCH_TEST_HANG``) holds
@@ -47,6 +48,7 @@ import onnx
 from .api import DEFAULT_ALIGN, DEFAULT_THRESHOLD, LAYOUTS, convert
 from .converter import DEFAULT_DOMAINS, max_opset, validate_target
 from .errors import OutputError, StreamconvError, UsageError
+from .publish import Staging, data_location, previous_data_files, publish, replace_file, sweep_stale
 from .scan import map_file
 from .skeleton import build_skeleton, iter_stub_tensors, stub_id
 from .splice import INLINE_LIMIT
@@ -84,8 +86,6 @@ TEST_CRASH_ENV = "STREAMCONV_BATCH_TEST_CRASH"
 TEST_HANG_ENV = "STREAMCONV_BATCH_TEST_HANG"
 _HANG_SECONDS = 3600.0
 
-_STAGING_PREFIX = ".streamconv-batch-"
-_STAGING_RE = re.compile(r"^\.streamconv-batch-(\d+)-[wp]\d*$")
 #: How often a worker reports progress on one model, at most.
 _PROGRESS_INTERVAL = 0.1
 #: A model file smaller than this is expected to convert quickly, so the next job is
@@ -123,6 +123,7 @@ class BatchOptions:
     exclude: tuple[str, ...] = ()
     copy_other: bool = False
     strict_onnx: bool = False
+    fsync: bool = True
 
     def validate(self) -> None:
         """Raise UsageError naming the first invalid option."""
@@ -308,15 +309,7 @@ def _check_folders(src_dir: str, dst_dir: str) -> None:
 
 def _data_location(tensor: onnx.TensorProto) -> str | None:
     """The normalized relative location of an external tensor, or None if unusable."""
-    location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-    if not location or "\0" in location or location.startswith(("/", "\\")):
-        return None
-    if len(location) > 1 and location[1] == ":":
-        return None
-    norm = os.path.normpath(location.replace("\\", "/")).replace(os.sep, "/")
-    if norm in (".", "..") or norm.startswith("../"):
-        return None
-    return norm
+    return data_location(next((e.value for e in tensor.external_data if e.key == "location"), ""))
 
 
 @dataclass
@@ -379,40 +372,6 @@ def _up_to_date(src: str, dst: str, threshold: int) -> list[str] | None:
     return None
 
 
-def _sweep_stale_staging(dst_dir: str) -> None:
-    """Remove staging folders left in *dst_dir* by batches whose process is gone."""
-    if os.name != "posix":  # os.kill(pid, 0) is no liveness test elsewhere
-        return
-    try:
-        names = os.listdir(dst_dir)
-    except OSError:
-        return
-    for name in names:
-        match = _STAGING_RE.match(name)
-        if match is None or int(match.group(1)) == os.getpid():
-            continue
-        try:
-            os.kill(int(match.group(1)), 0)
-            continue  # that batch still runs
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
-        log.info("removing %s, left by an earlier batch", os.path.join(dst_dir, name))
-        shutil.rmtree(os.path.join(dst_dir, name), ignore_errors=True)
-
-
-def _empty(folder: str) -> None:
-    """Remove everything inside *folder*, keeping (or re-creating) the folder."""
-    os.makedirs(folder, exist_ok=True)
-    for entry in os.scandir(folder):
-        if entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(entry.path, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(entry.path)
-
-
 # -- the worker side -------------------------------------------------------------------------
 
 
@@ -448,16 +407,7 @@ class _TestHook:
             time.sleep(_HANG_SECONDS)
 
 
-def _publish(staging: str, final_dir: str, names: Sequence[str]) -> None:
-    """Move *names* (relative POSIX paths) from *staging* into *final_dir*, in order."""
-    for name in names:
-        parts = name.split("/")
-        target = os.path.join(final_dir, *parts)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        os.replace(os.path.join(staging, *parts), target)
-
-
-def _copy_through(job: _Job, probe: _Probe, options: BatchOptions, staging: str,
+def _copy_through(job: _Job, probe: _Probe, options: BatchOptions,
                   hook: _TestHook, progress: Callable[[int], None]) -> tuple[int, list[str]]:
     """Copy the model and its external-data files unchanged; return (bytes, data files).
 
@@ -482,29 +432,33 @@ def _copy_through(job: _Job, probe: _Probe, options: BatchOptions, staging: str,
     sources[name] = job.src
     total = sum(os.path.getsize(p) for p in sources.values()) or 1
     copied = 0
-    for rel, source in sources.items():
-        target = os.path.join(staging, *rel.split("/"))
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        shutil.copyfile(source, target)
-        copied += os.path.getsize(target)
-        progress(job.size * copied // total)  # the bar counts model-file bytes
-        hook.fire()
-    _publish(staging, os.path.dirname(job.dst), [*probe.data_files, name])
+    folder = os.path.dirname(job.dst)
+    staging = Staging(folder)
+    staging.create()
+    try:
+        for rel, source in sources.items():
+            target = staging.file(rel)
+            shutil.copyfile(source, target)
+            copied += os.path.getsize(target)
+            progress(job.size * copied // total)  # the bar counts model-file bytes
+            hook.fire()
+        superseded = previous_data_files(folder, name) if os.path.lexists(job.dst) else []
+        publish(staging, name, probe.data_files, superseded=superseded,
+                protect=list(sources.values()), fsync=options.fsync)
+    finally:
+        staging.cleanup()
     return copied, probe.data_files
 
 
-def _run_job(job: _Job, options: BatchOptions, staging: str,
+def _run_job(job: _Job, options: BatchOptions,
              send_progress: Callable[[int], None]) -> ModelResult:
-    """Convert or copy one model into place through *staging*; never raises for a model.
-
-    *staging* is an empty folder on DST's file system; it is left empty.
-    """
+    """Convert or copy one model into place; never raises for a model."""
     started = time.perf_counter()
     result = ModelResult(source=job.rel, destination=job.rel, status=FAILED, action="convert",
                          opset_to=options.opset, bytes_in=job.size)
     hook = _TestHook(job.rel)
     try:
-        _empty(staging)
+        os.makedirs(os.path.dirname(job.dst), exist_ok=True)
         try:
             probe: _Probe | None = _probe(job.src, options.size_threshold)
         except (StreamconvError, OSError):
@@ -518,21 +472,19 @@ def _run_job(job: _Job, options: BatchOptions, staging: str,
         if probe is not None and probe.opset == options.opset and not options.force_convert:
             result.action = "copy"
             result.bytes_out, result.data_files = _copy_through(
-                job, probe, options, staging, hook, send_progress
+                job, probe, options, hook, send_progress
             )
             result.tensors_diverted = 0
             result.status = AT_TARGET
             if options.verify:
                 result.verify = "not run: copied unchanged"
         else:
-            _convert_one(job, probe, options, staging, hook, send_progress, result)
+            _convert_one(job, probe, options, hook, send_progress, result)
     except Exception as e:  # one model's failure, whatever it is, must not stop the batch
         result.status = FAILED
         result.error = _one_line(e)
         log.debug("%s failed", job.rel, exc_info=True)
     finally:
-        with contextlib.suppress(OSError):
-            _empty(staging)
         result.seconds = round(time.perf_counter() - started, 4)
     return result
 
@@ -544,10 +496,10 @@ def _size_or_zero(path: str) -> int:
         return 0
 
 
-def _convert_one(job: _Job, probe: _Probe | None, options: BatchOptions, staging: str,
+def _convert_one(job: _Job, probe: _Probe | None, options: BatchOptions,
                  hook: _TestHook, send_progress: Callable[[int], None],
                  result: ModelResult) -> None:
-    """Convert *job* into *staging*, verify it if asked, then publish it."""
+    """Convert *job* into place, verifying the staged result first if asked."""
     layout = options.layout
     if layout == "auto" and probe is not None and probe.data_files:
         layout = "external"  # a model that kept its weights apart keeps them apart
@@ -556,38 +508,38 @@ def _convert_one(job: _Job, probe: _Probe | None, options: BatchOptions, staging
         send_progress(job.size * done // total if total else job.size)
         hook.fire()
 
-    name = os.path.basename(job.dst)
-    staged = os.path.join(staging, name)
+    def before_publish(staged: str) -> None:
+        hook.fire()
+        if options.verify:
+            parity = verify_parity(job.src, staged)
+            result.verify = parity.detail.replace(staged, job.dst)  # name the model
+            if parity.ok is False:
+                raise StreamconvError(f"--verify: {result.verify}")
+
     report = convert(
-        job.src, staged, opset=options.opset, layout=layout,
+        job.src, job.dst, opset=options.opset, layout=layout,
         size_threshold=options.size_threshold, align=options.align, check=options.check,
-        strict_onnx=options.strict_onnx, progress=progress,
+        strict_onnx=options.strict_onnx, fsync=options.fsync, progress=progress,
+        before_publish=before_publish,
     )
-    hook.fire()
-    data_files = [os.path.relpath(report.data_file, staging).replace(os.sep, "/")] \
-        if report.data_file else []
+    data_files = [os.path.relpath(report.data_file, os.path.dirname(job.dst)).replace(
+        os.sep, "/")] if report.data_file else []
     result.opset_from = report.opset_from
     result.tensors_diverted = report.tensors_diverted
     result.bytes_out = report.bytes_out
     result.data_files = data_files
-    if options.verify:
-        parity = verify_parity(job.src, staged)
-        result.verify = parity.detail.replace(staged, job.dst)  # name the model, not the stage
-        if parity.ok is False:
-            raise StreamconvError(f"--verify: {result.verify}")
-    _publish(staging, os.path.dirname(job.dst), [*data_files, name])
     result.status = AT_TARGET if report.opset_from == options.opset else CONVERTED
 
 
-#: What a worker runs: ``python -c _WORKER_BOOT <socket fd> <staging folder> <sys.path>``.
+#: What a worker runs: ``python -c _WORKER_BOOT <socket fd> <sys.path>``.
 #: It takes the parent's import path, so it imports this very copy of streamconv.
 _WORKER_BOOT = (
-    "import json, sys; sys.path[:] = json.loads(sys.argv[3]); "
-    "from streamconv.batch import _worker_main; _worker_main(int(sys.argv[1]), sys.argv[2])"
+    "import json, sys; sys.path[:] = json.loads(sys.argv[2]); "
+    "from streamconv.batch import _worker_main; _worker_main(int(sys.argv[1]))"
 )
 
 
-def _worker_main(fd: int, staging: str) -> None:
+def _worker_main(fd: int) -> None:
     """Body of a worker process: options, then jobs, from the socket *fd* until None or EOF.
 
     The parent started us with stdout on /dev/null and stderr on a log file it
@@ -620,7 +572,7 @@ def _worker_main(fd: int, staging: str) -> None:
                 last = now
                 conn.send(("progress", index, done))
 
-        conn.send(("done", job.index, _run_job(job, options, staging, send_progress)))
+        conn.send(("done", job.index, _run_job(job, options, send_progress)))
 
 
 # -- --verify --------------------------------------------------------------------------------
@@ -816,12 +768,7 @@ def verify_parity(original: str, converted: str, *, seed: int = 0) -> Parity:
 class _Slot:
     """One worker process and the job it is on."""
 
-    def __init__(self, options: BatchOptions, staging: str, log_path: str) -> None:
-        try:
-            os.mkdir(staging)
-        except OSError as e:
-            raise OutputError(f"cannot write in {os.path.dirname(staging)}: {e.strerror}") from e
-        self.staging = staging
+    def __init__(self, options: BatchOptions, log_path: str) -> None:
         self.log_path = log_path
         ours, theirs = socket.socketpair()
         try:
@@ -829,14 +776,13 @@ class _Slot:
                 # A plain subprocess rather than multiprocessing: it imports only streamconv,
                 # never the caller's __main__, and works whatever that main module is.
                 self.proc = subprocess.Popen(
-                    [sys.executable, "-c", _WORKER_BOOT, str(theirs.fileno()), staging,
+                    [sys.executable, "-c", _WORKER_BOOT, str(theirs.fileno()),
                      json.dumps(sys.path)],
                     pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
                 )
         except OSError as e:
             ours.close()
-            shutil.rmtree(staging, ignore_errors=True)
             raise StreamconvError(f"cannot start a worker process: {e.strerror}") from e
         finally:
             theirs.close()  # so that our end reads EOF when the worker dies
@@ -887,7 +833,7 @@ class _Slot:
             self.proc.wait(seconds)
 
     def kill(self) -> None:
-        """End the process and remove its staging folder, whatever it held."""
+        """End the process and remove the staging folder of its running job, if any."""
         alive = self.proc.poll() is None
         try:
             # the worker leads its own process group: this also ends a copy
@@ -898,7 +844,9 @@ class _Slot:
                 self.proc.kill()
         self.join(_JOIN_SECONDS)
         self.conn.close()
-        shutil.rmtree(self.staging, ignore_errors=True)
+        if self.job is not None and self.proc.poll() is not None:
+            # the owner is gone now, so its staging folder counts as stale
+            sweep_stale(os.path.dirname(self.job.dst))
 
     def death(self) -> str:
         """Why the process ended, with the last line it wrote to stderr if any."""
@@ -953,8 +901,7 @@ class _Pool:
     def _start(self) -> _Slot:
         self.started += 1
         log_path = os.path.join(self.workdir, f"worker-{self.started}.log")
-        staging = os.path.join(self.dst_dir, f"{_STAGING_PREFIX}{os.getpid()}-w{self.started}")
-        return _Slot(self.options, staging, log_path)
+        return _Slot(self.options, log_path)
 
     def _lost(self, slot: _Slot, reason: str, pending: deque[_Job]) -> None:
         """Report the running job of a dead or killed worker as failed.
@@ -1077,9 +1024,8 @@ class _Pool:
 
 
 def _copy_others(src_dir: str, dst_dir: str, others: Sequence[str], produced: set[str],
-                 force: bool, result: BatchResult) -> None:
+                 options: BatchOptions, result: BatchResult) -> None:
     """Copy the files that are neither models nor their data, atomically, if out of date."""
-    tmp = os.path.join(dst_dir, f"{_STAGING_PREFIX}{os.getpid()}-p")
     for rel in others:
         if rel in produced:
             log.warning("not copying %s: a converted model's output has that name", rel)
@@ -1087,19 +1033,21 @@ def _copy_others(src_dir: str, dst_dir: str, others: Sequence[str], produced: se
         src = os.path.join(src_dir, *rel.split("/"))
         dst = os.path.join(dst_dir, *rel.split("/"))
         try:
-            if not force and os.path.exists(dst) and \
+            if not options.force and os.path.exists(dst) and \
                     os.stat(dst).st_mtime_ns >= os.stat(src).st_mtime_ns:
                 result.others_up_to_date.append(rel)
                 continue
             os.makedirs(os.path.dirname(dst), exist_ok=True)
+            staging = Staging(os.path.dirname(dst))
+            staging.create()
             try:
-                shutil.copyfile(src, tmp)
-                os.replace(tmp, dst)
+                name = os.path.basename(dst)
+                shutil.copyfile(src, staging.file(name))
+                publish(staging, name, fsync=options.fsync)
             finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
+                staging.cleanup()
             result.others_copied.append(rel)
-        except OSError as e:
+        except (OSError, StreamconvError) as e:
             result.others_failed.append((rel, _one_line(e)))
 
 
@@ -1185,7 +1133,7 @@ def convert_tree(
             os.makedirs(dst_dir, exist_ok=True)
         except OSError as e:
             raise OutputError(f"cannot create DST_DIR {dst_dir}: {e.strerror}") from e
-        _sweep_stale_staging(dst_dir)
+        sweep_stale(dst_dir)
         sizes = {j.rel: j.size for j in jobs}
         total = sum(sizes.values())
         finished = {"models": 0, "bytes": 0}
@@ -1210,7 +1158,7 @@ def convert_tree(
             pool = _Pool(options, dst_dir, workdir, on_result, on_progress)
             pool.run(jobs)
         if others:
-            _copy_others(src_dir, dst_dir, others, produced, options.force, result)
+            _copy_others(src_dir, dst_dir, others, produced, options, result)
     except _Stopped as e:
         result.interrupted = int(e.args[0]) if e.args else signal.SIGINT
     except KeyboardInterrupt:
@@ -1275,7 +1223,7 @@ def write_report(path: str | os.PathLike[str], result: BatchResult) -> None:
             else:
                 json.dump(result.to_dict(), f, indent=1)
                 f.write("\n")
-        os.replace(tmp, path)
+        replace_file(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -1381,6 +1329,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="leave out paths matching GLOB (repeatable)")
     p.add_argument("--copy-other", action="store_true",
                    help="also copy files that are neither models nor their external data")
+    p.add_argument("--no-fsync", dest="fsync", action="store_false", default=True,
+                   help="do not sync outputs to disk (faster; a power loss may then leave "
+                   "empty or truncated outputs that a rerun takes for up to date)")
     p.add_argument("--dry-run", action="store_true", help="list what would be done and stop")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     p.add_argument("-v", "--verbose", action="store_true", help="log what happens")
@@ -1434,7 +1385,7 @@ def run_batch(argv: Sequence[str]) -> int:
             check=args.check, force=args.force, force_convert=args.force_convert,
             strict_onnx=args.strict_onnx,
             timeout=args.timeout, verify=args.verify, include=tuple(args.include),
-            exclude=tuple(args.exclude), copy_other=args.copy_other,
+            exclude=tuple(args.exclude), copy_other=args.copy_other, fsync=args.fsync,
         )
         options.validate()
         _check_folders(args.src_dir, args.dst_dir)

@@ -82,6 +82,9 @@ def _convert_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict-onnx", action="store_true",
                    help="use onnx's version converter alone (its adapters only, as they are); "
                    "by default downgrades also use streamconv's own adapters")
+    p.add_argument("--no-fsync", dest="fsync", action="store_false", default=True,
+                   help="do not sync the output to disk before and after moving it into place "
+                   "(faster; a power loss may then leave an empty or truncated output)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     p.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     p.add_argument("--version", action="version", version=f"streamconv {__version__}")
@@ -120,7 +123,8 @@ def _run_convert(argv: Sequence[str]) -> int:
             args.input, args.output, opset=args.opset, layout=args.layout,
             size_threshold=args.size_threshold, data_name=args.data_name, align=args.align,
             check=args.check, checksum=args.checksum, inline_functions=args.inline_functions,
-            reuse_data=args.reuse_data, strict_onnx=args.strict_onnx, progress=update,
+            reuse_data=args.reuse_data, strict_onnx=args.strict_onnx, fsync=args.fsync,
+            progress=update,
         )
     finally:
         if bar is not None:
@@ -159,11 +163,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"streamconv: error: {e}", file=sys.stderr)
         return e.exit_code
     except _Interrupted as e:
-        print(f"streamconv: interrupted by signal {e.args[0]}; no output written",
+        # a signal held during the publish arrives after it: the output is then complete
+        print(f"streamconv: interrupted by signal {e.args[0]}; no partial output left",
               file=sys.stderr)
         return 128 + int(e.args[0])
     except KeyboardInterrupt:
-        print("streamconv: interrupted; no output written", file=sys.stderr)
+        print("streamconv: interrupted; no partial output left", file=sys.stderr)
         return 130
     except MemoryError:
         print("streamconv: error: out of memory", file=sys.stderr)

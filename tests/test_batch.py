@@ -293,8 +293,7 @@ def test_interrupt_leaves_no_partial_output(zoo: Path, tmp_path: Path) -> None:
     # Wait until both workers sit on a half-written output.
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        staged = [p for p in out.glob(".streamconv-batch-*/.streamconv-*/*")] \
-            if out.exists() else []
+        staged = [p for p in out.glob("**/.streamconv-*/*")] if out.exists() else []
         if len(staged) >= 2:
             break
         time.sleep(0.05)
@@ -370,16 +369,14 @@ def test_verify_parity_compares_runtime_outputs(zoo: Path, tmp_path: Path) -> No
 def test_verify_mismatch_fails_the_model_and_publishes_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    src, out, staging = tmp_path / "m.onnx", tmp_path / "out", tmp_path / "staging"
+    src, out = tmp_path / "m.onnx", tmp_path / "out"
     onnx.save(small_model(11), str(src))
     out.mkdir()
-    staging.mkdir()
     monkeypatch.setattr(batch, "verify_parity", lambda a, b: Parity(False, "output 'Y' differs"))
     job = batch._Job(0, "m.onnx", str(src), str(out / "m.onnx"), src.stat().st_size)
-    result = batch._run_job(job, BatchOptions(opset=17, verify=True), str(staging),
-                            lambda n: None)
+    result = batch._run_job(job, BatchOptions(opset=17, verify=True), lambda n: None)
     assert result.status == FAILED and result.error == "--verify: output 'Y' differs"
-    assert list(out.iterdir()) == [] and list(staging.iterdir()) == []
+    assert list(out.iterdir()) == []
 
 
 # -- command line ----------------------------------------------------------------------------

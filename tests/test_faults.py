@@ -416,7 +416,7 @@ def test_read_only_destination(inputs: dict[str, Path], tmp_path: Path) -> None:
     [
         ("missing/out.onnx", "does not exist"),
         ("model-file/out.onnx", "does not exist"),
-        ("a-folder", "Is a directory"),
+        ("a-folder", "is a folder"),
     ],
 )
 def test_unusable_destination(
