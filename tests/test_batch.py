@@ -92,6 +92,31 @@ def onnx_reference(src: Path, target: int) -> onnx.ModelProto | None:
         return None
 
 
+def fails_checker(model: onnx.ModelProto) -> bool:
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception:
+        return True
+    return False
+
+
+def replaced_steps(src: Path, target: int) -> set[tuple[str, int]]:
+    """The steps of *src*'s nodes down to *target* where streamconv replaces onnx's adapter."""
+    from streamconv.steps import REPLACES_ONNX
+    from streamconv.steps._schema import schema_at
+
+    model = onnx.load(str(src))
+    source = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    ops = {n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx")}
+    out = set()
+    for op in ops:
+        for v in range(target + 1, source + 1):
+            schema = schema_at(op, v)
+            if schema is not None and schema.since_version == v and (op, v) in REPLACES_ONNX:
+                out.add((op, v))
+    return out
+
+
 def small_model(opset: int, seed: int = 0, n: int = 32) -> onnx.ModelProto:
     """Y = ReduceSum(X @ W + B) with axes as attribute (opset < 13) or input; W is 4 KiB."""
     rng = np.random.default_rng(seed)
@@ -143,7 +168,7 @@ def test_outcomes_match_single_conversion_and_onnx(zoo: Path, tmp_path: Path,
             assert m.error is not None and m.error.endswith(message), rel
             assert not dst.exists()
             if reference is not None:  # onnx converts it, but to a model its checker rejects
-                assert "onnx.checker" in m.error, rel
+                assert fails_checker(reference), (rel, m.error)
             continue
         if m.status == AT_TARGET:
             assert m.action == "copy" and dst.read_bytes() == src.read_bytes()
@@ -152,7 +177,11 @@ def test_outcomes_match_single_conversion_and_onnx(zoo: Path, tmp_path: Path,
             assert dst.read_bytes() == (tmp_path / "single.onnx").read_bytes(), rel
         assert m.opset_to == target and m.bytes_out == dst.stat().st_size
         if reference is not None:
-            assert semantic_diff(reference, onnx.load(str(dst))) is None, rel
+            # equal to onnx's result, except where streamconv deliberately replaces
+            # onnx's adapter (numbers checked against ONNX Runtime in test_steps and
+            # test_downgrades)
+            diff = semantic_diff(reference, onnx.load(str(dst)))
+            assert diff is None or replaced_steps(src, target), (rel, diff)
     assert leftovers_below(out) == []
 
 
@@ -249,15 +278,18 @@ def test_killed_worker_takes_its_copy_process_along(
 def test_rerun_converts_nothing_and_a_touched_source_is_redone(zoo: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     options = BatchOptions(opset=13, jobs=2, include=("pytorch-converted/*", "light/*",
-                                                      "test_if", "test_abs", "test_add"))
+                                                      "test_if", "test_abs",
+                                                      "test_bitwise_not_2d"))
     first = convert_tree(zoo, out, options)
     done = {m.source for m in first.models if m.status in (CONVERTED, AT_TARGET)}
-    assert len(done) >= 7 and first.counts()[FAILED] == 1  # test_add cannot go to 13
+    # BitwiseNot has no equivalent below 18
+    assert len(done) >= 7 and first.counts()[FAILED] == 1
 
     again = convert_tree(zoo, out, options)
     assert {m.source for m in again.models if m.status == SKIPPED} == done
     assert again.counts()[CONVERTED] == again.counts()[AT_TARGET] == 0
-    assert [m.source for m in again.models if m.status == FAILED] == ["node/test_add/model.onnx"]
+    assert [m.source for m in again.models if m.status == FAILED] == [
+        "node/test_bitwise_not_2d/model.onnx"]
 
     touched = "pytorch-converted/test_AvgPool1d/model.onnx"
     time.sleep(0.05)  # past the file system's timestamp granularity
@@ -439,21 +471,22 @@ def test_summary_and_csv_report(zoo: Path, tmp_path: Path,
                                 capsys: pytest.CaptureFixture[str]) -> None:
     out, report = tmp_path / "out", tmp_path / "report.csv"
     code = run_batch([str(zoo), str(out), "--opset", "13", "--jobs", "1", "--report",
-                      str(report), "--include", "test_abs", "--include", "test_add",
+                      str(report), "--include", "test_abs", "--include", "test_bitwise_not_2d",
                       "--include", "test_if"])
     assert code == 1
     text = capsys.readouterr().out
     assert "  converted                 1" in text
     assert "  already at target         1  (1 copied through, 0 converted)" in text
     assert "  failed                    1" in text
-    assert "failed:\n  node/test_add/model.onnx: onnx's version converter failed" in text
+    assert "failed:\n  node/test_bitwise_not_2d/model.onnx: cannot convert the main graph to " \
+        "opset 13" in text
     with open(report, newline="") as f:
         rows = {r["source"]: r for r in csv.DictReader(f)}
-    assert list(rows) == ["node/test_abs/model.onnx", "node/test_add/model.onnx",
+    assert list(rows) == ["node/test_abs/model.onnx", "node/test_bitwise_not_2d/model.onnx",
                           "node/test_if/model.onnx"]
     assert rows["node/test_if/model.onnx"]["opset_from"] == "11"
     assert rows["node/test_if/model.onnx"]["status"] == CONVERTED
-    assert rows["node/test_add/model.onnx"]["error"]
+    assert rows["node/test_bitwise_not_2d/model.onnx"]["error"]
     assert set(rows["node/test_abs/model.onnx"]) >= {
         "source", "opset_from", "opset_to", "bytes_in", "bytes_out", "tensors_diverted",
         "seconds", "status", "error"}

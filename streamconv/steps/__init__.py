@@ -7,10 +7,11 @@ streamconv's own where onnx has none or a wrong one.
 
 from ._context import ADAPTERS, Refusal, StepContext, adapter
 from ._driver import Obstacle, OnnxStepError, StepError, convert_down, lowest_opset
-from ._table import STEPS, Kind, Step, find_step
+from ._table import REPLACES_ONNX, STEPS, Kind, Step, find_step
 
 __all__ = [
     "ADAPTERS",
+    "REPLACES_ONNX",
     "STEPS",
     "Kind",
     "Obstacle",

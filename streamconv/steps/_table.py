@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-__all__ = ["STEPS", "Kind", "Step", "find_step"]
+__all__ = ["REPLACES_ONNX", "STEPS", "Kind", "Step", "find_step"]
 
 
 class Kind(str, Enum):
@@ -585,6 +585,15 @@ _ROWS: tuple[tuple[str, int, Kind, str], ...] = (
 )
 
 STEPS: dict[tuple[str, int], Step] = {(op, v): Step(op, v, k, r) for op, v, k, r in _ROWS}
+
+
+#: steps where onnx has an adapter and streamconv uses its own instead, because
+#: onnx's gives wrong numbers, an invalid model, another interface or a refusal
+#: where an equivalent exists (each row's reason says which)
+REPLACES_ONNX: frozenset[tuple[str, int]] = frozenset(
+    key for key, step in STEPS.items()
+    if step.kind is Kind.ADAPTER and "onnx's adapter" in step.reason
+)
 
 
 def find_step(op: str, version: int) -> Step | None:
