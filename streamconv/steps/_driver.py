@@ -105,10 +105,14 @@ class _Scope:
     typed_at: int = -1
     #: node name -> (name, op type, path) of the model's node it was made for
     origins: dict[str, tuple[str, str, str]] = field(default_factory=dict)
+    #: every type inferred so far: a step keeps what each value is, so a type seen
+    #: at a newer opset still holds where inference on a rewrite cannot tell
+    #: (e.g. Shape's start/end became a Slice whose length depends on values)
+    known: dict[str, onnx.TypeProto] = field(default_factory=dict)
 
     def after(self, model: onnx.ModelProto) -> _Scope:
         """A scope for *model*, the next state of this one's model."""
-        return _Scope(model, serial=self.serial, origins=self.origins)
+        return _Scope(model, serial=self.serial, origins=self.origins, known=self.known)
 
     def refresh(self, opset: int) -> None:
         """Infer types for the model as it stands (at *opset*), once per opset."""
@@ -147,6 +151,12 @@ class _Scope:
         for graph, _ in list(_graphs(self.model.graph, "graph"))[1:]:
             if any(o and o not in self.types for n in graph.node for o in n.output):
                 self._infer_alone(graph, opset)
+        for name, t in self.known.items():
+            if name not in self.types or not _has_rank(self.types[name]):
+                self.types[name] = t
+        for name, t in self.types.items():
+            if _has_rank(t) or name not in self.known:
+                self.known[name] = t
 
     def _infer_alone(self, graph: onnx.GraphProto, opset: int) -> None:
         """Types inside a subgraph model inference did not enter (e.g. under an op of
@@ -171,6 +181,10 @@ class _Scope:
     def context(self, opset: int, where: str) -> StepContext:
         return StepContext(opset=opset, types=self.types, constants=self.constants,
                            names=self.names, where=where, serial=self.serial)
+
+
+def _has_rank(t: onnx.TypeProto) -> bool:
+    return t.WhichOneof("value") != "tensor_type" or t.tensor_type.HasField("shape")
 
 
 def _set_opset(model: onnx.ModelProto, opset: int) -> None:
