@@ -44,6 +44,7 @@ __all__ = [
     "build_skeleton",
     "iter_raw_chunks",
     "iter_stub_tensors",
+    "parse_decimal",
     "scan_payloads",
     "stub_id",
     "value_read_names",
@@ -458,6 +459,18 @@ def iter_stub_tensors(model: onnx.ModelProto) -> Iterator[tuple[onnx.TensorProto
         yield from of_nodes(fn.node, f"functions[{i}]")
 
 
+def parse_decimal(text: str | None) -> int | None:
+    """The value of *text* if it is plain ASCII decimal digits, else None.
+
+    ONNX writes external-data offsets and lengths as decimal strings.  Python's
+    ``int()`` also takes signs, ``_`` separators, surrounding whitespace and
+    non-ASCII digits, so two readers could disagree on where a tensor lies.
+    """
+    if text is None or not text or not text.isascii() or not text.isdigit():
+        return None
+    return int(text)
+
+
 def _safe_location(location: str, base: str, where: dict[str, Any]) -> str:
     """Resolve an external-data location inside *base*, or raise ExternalDataError."""
     if not location:
@@ -504,12 +517,18 @@ def _external_payload(
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in keys.items()):
         raise ExternalDataError("external_data keys and values must be UTF-8 text", **where)
     real = _safe_location(keys.get("location", ""), base, where)
-    try:
-        offset = int(keys.get("offset", "0"))
-        length_text = keys.get("length")
-        length = int(length_text) if length_text is not None else None
-    except ValueError as e:
-        raise ExternalDataError(f"offset/length are not integers: {keys}", **where) from e
+    offset_text = keys.get("offset", "0")
+    length_text = keys.get("length")
+    offset = parse_decimal(offset_text)
+    length = parse_decimal(length_text) if length_text is not None else None
+    for key, text, value in (("offset", offset_text, offset), ("length", length_text, length)):
+        if text is not None and value is None:
+            if parse_decimal(text[1:]) is not None and text[0] == "-":
+                raise ExternalDataError(f"negative {key} {text}", **where)
+            raise ExternalDataError(
+                f"{key} {text[:40]!r} is not a plain decimal number (ASCII digits only)", **where
+            )
+    assert offset is not None
     dims = list(tensor.dims)
     if any(d < 0 for d in dims):
         raise ExternalDataError(f"negative dimension in dims {dims}", **where)
@@ -519,8 +538,6 @@ def _external_payload(
         if expected is None:
             raise ExternalDataError("external tensor without a length", **where)
         length = expected
-    if offset < 0 or length < 0:
-        raise ExternalDataError(f"negative offset {offset} or length {length}", **where)
     if expected is not None and expected != length:
         raise ExternalDataError(
             f"length {length} but dims {dims} of {F.DATA_TYPES[tensor.data_type][0]} "

@@ -157,3 +157,27 @@ def test_stub_bytes_parse_as_external_reference() -> None:
     tensor.ParseFromString(encode_len_header(8, 1) + b"w" + stub_bytes(42))
     assert tensor.data_location == onnx.TensorProto.EXTERNAL
     assert tensor.external_data[0].value == "__streamconv__/42"
+
+
+@pytest.mark.parametrize(
+    "key, text",
+    [("offset", "0_0"), ("offset", " 0"), ("offset", "0 "), ("length", "+4096"),
+     ("length", "4_096"), ("length", "\u0664\u0660\u0669\u0666"), ("length", "\uff14096")],
+)
+def test_external_offset_and_length_are_plain_ascii_decimal(
+    key: str, text: str, tmp_path: Path
+) -> None:
+    """int() takes every one of these; the tensor they describe is refused by name."""
+    from attacks import _files
+    from streamconv import convert
+    from streamconv.errors import ExternalDataError
+
+    entries = [("location", "w.bin"), ("offset", "0"), ("length", "4096")]
+    entries = [(k, text if k == key else v) for k, v in entries]
+    model = _files.external_model(tmp_path, entries)
+    (model.parent / "w.bin").write_bytes(bytes(4096))
+    with pytest.raises(ExternalDataError) as e:
+        convert(model, tmp_path / "out.onnx", opset=13)
+    assert e.value.path == "graph.initializer[0] 'W'"
+    assert f"{key} {text!r} is not a plain decimal number" in str(e.value)
+    assert not (tmp_path / "out.onnx").exists()

@@ -195,7 +195,14 @@ def test_missing_data_file(converted: Path) -> None:
     "entries, expect",
     [
         ([("location", "w.bin"), ("length", "16")], "need 4096 bytes"),
-        ([("location", "w.bin"), ("offset", "x"), ("length", "4096")], "not integers"),
+        ([("location", "w.bin"), ("offset", "x"), ("length", "4096")], "not a plain decimal"),
+        # int() would take each of these as 0 or 4096
+        ([("location", "w.bin"), ("offset", "0_0")], "offset '0_0' is not a plain decimal"),
+        ([("location", "w.bin"), ("offset", " 0")], "offset ' 0' is not a plain decimal"),
+        ([("location", "w.bin"), ("length", "4096\n")], "not a plain decimal"),
+        ([("location", "w.bin"), ("length", "+4096")], "not a plain decimal"),
+        ([("location", "w.bin"), ("length", "\u0664\u0660\u0669\u0666")], "not a plain decimal"),
+        ([("location", "w.bin"), ("offset", "")], "not a plain decimal"),
         ([("location", "w.bin"), ("offset", "-1")], "negative offset"),
         ([("location", "w.bin"), ("checksum", "abc")], "not a SHA-1 hex digest"),
         ([("location", "w.bin"), ("checksum", "0" * 40)], "checksum mismatch"),
