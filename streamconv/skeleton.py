@@ -115,6 +115,8 @@ class Payload:
     header: bytes = b""
     #: True when the payload lives in one of the input's external-data files
     external: bool = False
+    #: the tensor's dims as read; its stub must come back from conversion with these
+    dims: tuple[int, ...] = ()
 
     @property
     def size(self) -> int:
@@ -281,6 +283,7 @@ class _Stubber:
             count=count,
             nbytes=nbytes,
             header=bytes(buf[p.field_start:p.value]),
+            dims=tuple(dims),
         )
         out = Rewrite()
         out.add(bytes(buf[start:p.field_start]))
@@ -554,7 +557,7 @@ def _external_payload(
     return Payload(
         id=ident, path=path, name=tensor.name, source=real, offset=offset, length=length,
         encoding="raw", number=F.TENSOR_RAW_DATA, data_type=tensor.data_type, count=count,
-        nbytes=length, external=True,
+        nbytes=length, external=True, dims=tuple(dims),
     )
 
 
@@ -649,6 +652,7 @@ def _restub_external(skeleton: Skeleton, source: str) -> None:
     ours = set(skeleton.payloads)
     for tensor, _, path in iter_stub_tensors(skeleton.model):
         if tensor.data_location != F.DATA_LOCATION_EXTERNAL:
+            _refuse_reserved(tensor, source, path)
             continue
         ident = stub_id(tensor)
         if ident is not None and ident in ours:
@@ -657,6 +661,24 @@ def _restub_external(skeleton: Skeleton, source: str) -> None:
         ident = len(skeleton.payloads) + 1
         skeleton.payloads[ident] = _external_payload(tensor, ident, base, source, path)
         _make_stub(tensor, ident)
+
+
+def _refuse_reserved(tensor: onnx.TensorProto, source: str, path: str) -> None:
+    """Refuse an inline tensor whose external_data names a stub location.
+
+    Such a tensor is not external data, but the splicer finds stubs by their
+    location; letting it through would hand it another tensor's payload.
+    """
+    for entry in tensor.external_data:
+        value = entry.value
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        if isinstance(value, str) and value.startswith(MARKER):
+            raise ExternalDataError(
+                f"location {value!r} uses a reserved name (on a tensor whose data_location "
+                "is not EXTERNAL)",
+                file=source, path=f"{path} '{tensor.name}'" if tensor.name else path,
+            )
 
 
 def resolve_path(model: onnx.ModelProto, path: str) -> tuple[onnx.TensorProto, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mmap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -181,3 +182,40 @@ def test_external_offset_and_length_are_plain_ascii_decimal(
     assert e.value.path == "graph.initializer[0] 'W'"
     assert f"{key} {text!r} is not a plain decimal number" in str(e.value)
     assert not (tmp_path / "out.onnx").exists()
+
+
+def _converted_stub(tmp_path: Path) -> tuple[onnx.ModelProto, dict[int, Any]]:
+    sk = skeleton_of(reduce_chain().SerializeToString(), tmp_path, 64)
+    stubbed = [t for t in sk.model.graph.initializer if t.data_location == t.EXTERNAL]
+    assert [t.name for t in stubbed] == ["W"]
+    converted = onnx.ModelProto()
+    converted.CopyFrom(sk.model)
+    return converted, sk.payloads
+
+
+@pytest.mark.parametrize(
+    "change, expect",
+    [
+        ("dims", r"came back from conversion as dims \[256\] of float, but its payload holds "
+                 r"dims \[16, 16\] of float"),
+        ("data_type", r"as dims \[16, 16\] of float16, but its payload holds dims \[16, 16\] "
+                      "of float"),
+        ("data_location", "carries the reserved location '__streamconv__/\\d+' but not "
+                          "data_location EXTERNAL"),
+    ],
+)
+def test_a_converted_stub_must_still_match_its_payload(
+    change: str, expect: str, tmp_path: Path
+) -> None:
+    """A converter that reshapes, retypes or inlines a stub gets its output refused."""
+    converted, payloads = _converted_stub(tmp_path)
+    w = converted.graph.initializer[0]
+    if change == "dims":
+        w.dims[:] = [256]
+    elif change == "data_type":
+        w.data_type = onnx.TensorProto.FLOAT16
+    else:
+        w.ClearField("data_location")
+    with pytest.raises(ConversionError, match=expect) as e:
+        plan_output(converted.SerializeToString(), payloads, "inline")
+    assert e.value.path == "graph.initializer[0]"
