@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import mmap
 import os
 import posixpath
 import stat
@@ -30,7 +31,7 @@ from .scan import (
     read_packed_varints,
     rewrite_message,
 )
-from .wire import encode_len_header, encode_tag, encode_varint
+from .wire import MAX_VARINT_BYTES, encode_len_header, encode_tag, encode_varint
 
 if TYPE_CHECKING:  # onnx and numpy load lazily: the wire phase runs while they import
     import numpy as np
@@ -55,6 +56,9 @@ log = logging.getLogger(__name__)
 MARKER = "__streamconv__/"
 MARKER_BYTES = MARKER.encode()
 CHUNK = 8 << 20
+#: Bytes of a packed varint field read (and decoded) at a time: decoding costs
+#: about 40 bytes of temporary arrays per input byte.
+VARINT_CHUNK = 1 << 20
 
 # Inputs whose *values* onnx's version-converter adapters read, by op type.
 # Integer (int32/int64) tensors feeding any non-first input are kept too.
@@ -168,17 +172,60 @@ def _elements(dims: list[int], where: dict[str, Any]) -> int:
     return math.prod(dims)
 
 
+def _release(buf: Any, start: int, end: int) -> None:
+    """Drop the mapped pages of ``buf[start:end]`` from this process's memory.
+
+    Pages of a file mapping that were read count towards the process's
+    resident memory until the mapping goes; a varint field is read whole, so
+    without this a 2 GB field would leave 2 GB resident.  The bytes stay in the
+    page cache and fault back in if read again.
+    """
+    madvise = getattr(buf, "madvise", None)
+    if madvise is None:
+        return  # not a mapping: the bytes are in memory anyway
+    first = start - start % mmap.PAGESIZE
+    last = end - end % mmap.PAGESIZE  # keep the partial page at the end (it may hold a header)
+    if last > first:
+        madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
 def _count_varints(buf: Any, start: int, end: int, where: dict[str, Any]) -> int:
-    """Count the varints in a packed run, checking it ends on a whole varint."""
-    if end > start and buf[end - 1] >= 0x80:
-        raise WireFormatError("packed varints end inside a varint", **where)
+    """Count the varints in a packed run in one bounded-memory pass.
+
+    Refuses, naming the varint's own offset, a varint longer than 10 bytes (as
+    soon as its tenth continuation byte is seen) and a run that ends inside a
+    varint; so the copy that decodes the run later never meets either.
+    """
     import numpy as np
 
     count = 0
-    for pos in range(start, end, CHUNK):
-        n = min(CHUNK, end - pos)
+    run = 0  # continuation bytes at the end of what was read so far
+    path = where.get("path")
+    for pos in range(start, end, VARINT_CHUNK):
+        n = min(VARINT_CHUNK, end - pos)
         arr = np.frombuffer(buf, dtype=np.uint8, count=n, offset=pos)
-        count += int(np.count_nonzero(arr < 0x80))
+        ends = np.flatnonzero(arr < 0x80)
+        del arr
+        if len(ends) == 0:
+            run += n
+        else:
+            # a varint is longer than 10 bytes when 10 continuation bytes precede its last
+            if run + int(ends[0]) >= MAX_VARINT_BYTES:
+                raise WireFormatError("varint longer than 10 bytes in a packed field",
+                                      offset=pos - run, path=path)
+            long = np.flatnonzero(np.diff(ends) > MAX_VARINT_BYTES)
+            if len(long):
+                raise WireFormatError("varint longer than 10 bytes in a packed field",
+                                      offset=pos + int(ends[long[0]]) + 1, path=path)
+            run = n - 1 - int(ends[-1])
+            count += len(ends)
+        del ends
+        if run >= MAX_VARINT_BYTES:
+            raise WireFormatError("varint longer than 10 bytes in a packed field",
+                                  offset=pos + n - run, path=path)
+        _release(buf, pos, pos + n)
+    if run:
+        raise WireFormatError("packed varints end inside a varint", offset=end - run, path=path)
     return count
 
 
@@ -316,12 +363,12 @@ def _decode_varints(arr: np.ndarray, offset: int) -> np.ndarray:
     return values
 
 
-def _iter_stored(payload: Payload, fd: int) -> Iterator[tuple[int, bytes]]:
-    """The payload's bytes as stored, in bounded chunks, with their offsets."""
+def _iter_stored(payload: Payload, fd: int, chunk: int = CHUNK) -> Iterator[tuple[int, bytes]]:
+    """The payload's bytes as stored, in chunks of at most *chunk* bytes, with their offsets."""
     end = payload.offset + payload.length
     pos = payload.offset
     while pos < end:
-        data = os.pread(fd, min(CHUNK, end - pos), pos)
+        data = os.pread(fd, min(chunk, end - pos), pos)
         if not data:
             raise ExternalDataError(
                 f"file ended at byte {pos}, before the payload's end at {end}",
@@ -343,15 +390,21 @@ def iter_raw_chunks(payload: Payload, fd: int) -> Iterator[bytes]:
     target = np.dtype(F.TYPED_FIELD_TARGETS[payload.number][payload.data_type])
     signed = payload.number != F.TENSOR_UINT64_DATA
     carry = b""
-    for pos, data in _iter_stored(payload, fd):
+    for pos, data in _iter_stored(payload, fd, VARINT_CHUNK):
         chunk_start = pos - len(carry)
         block = np.frombuffer(carry + data, dtype=np.uint8)
         ends = np.flatnonzero(block < 0x80)
         cut = int(ends[-1]) + 1 if len(ends) else 0
+        # the scan checked every varint; these hold only if the file changed since
+        if len(block) - cut >= MAX_VARINT_BYTES:
+            raise WireFormatError("varint longer than 10 bytes in a packed field",
+                                  offset=pos + cut - len(carry), path=payload.path)
         if pos + len(data) >= end and cut != len(block):
-            raise WireFormatError("packed varints end inside a varint", offset=chunk_start)
+            raise WireFormatError("packed varints end inside a varint", offset=chunk_start,
+                                  path=payload.path)
         values = _decode_varints(block[:cut], chunk_start)
         carry = block[cut:].tobytes()
+        del block, ends
         if signed:
             values = values.view(np.int64)
         yield values.astype(target, casting="unsafe").tobytes()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mmap
+import os
 from pathlib import Path
 from typing import Any
 
@@ -219,3 +220,129 @@ def test_a_converted_stub_must_still_match_its_payload(
     with pytest.raises(ConversionError, match=expect) as e:
         plan_output(converted.SerializeToString(), payloads, "inline")
     assert e.value.path == "graph.initializer[0]"
+
+
+# -- packed varint payloads: memory stays flat whatever the field's size ----------
+
+#: Peak resident memory a conversion may reach, in either process (Python, numpy
+#: and onnx alone take about 55 MB).
+VARINT_PEAK_MIB = 150
+
+_PEAK = (
+    "import resource, sys; from streamconv.cli import main; rc = main(sys.argv[1:]); "
+    "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]; "
+    "children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss; "
+    "print(hwm.split()[1], children); sys.exit(rc)"
+)
+
+
+def _peak_run(*argv: str) -> tuple[int, dict[str, float], str]:
+    """The CLI in a child process: exit code, peak RSS of it and of its copy process, stderr.
+
+    VmHWM is the child's own peak; ru_maxrss of its children is the copy process
+    it forks (the test process's own size never enters either number).
+    """
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    result = subprocess.run([sys.executable, "-c", _PEAK, *argv, "-q"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    own, children = map(int, result.stdout.split()[-2:])
+    return result.returncode, {"own": own / 1024, "copy": children / 1024}, result.stderr
+
+
+@pytest.fixture(scope="module")
+def varint_models(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from fixtures.varintmodel import write_varint_model
+
+    folder = tmp_path_factory.mktemp("varint")
+    # 50M float16 elements in int32_data: a 112 MB field (onnx's helper stores them so)
+    big = write_varint_model(folder / "f16.onnx", 50_000_000)
+    # one varint that never ends, 200 MiB long
+    endless = write_varint_model(folder / "endless.onnx", 0, endless=True, nbytes=200 << 20)
+    yield big, endless
+    for p in folder.iterdir():
+        p.unlink()
+
+
+def _payload_matches(path: Path, data_file: Path | None, count: int) -> None:
+    """The converted W, read in blocks, holds the float16 patterns the fixture wrote."""
+    from fixtures.varintmodel import element_values
+
+    if data_file is None:
+        with open(path, "rb") as f:
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            (p,) = build_skeleton(buf, path.stat().st_size, str(path), 1 << 20,
+                                  for_conversion=False).payloads.values()
+            buf.close()
+        assert p.encoding == "raw" and p.nbytes == 2 * count
+        source, offset = path, p.offset
+    else:
+        source, offset = data_file, 0
+    block = 1 << 22
+    with open(source, "rb") as f:
+        for start in range(0, count, block):
+            n = min(block, count - start)
+            f.seek(offset + 2 * start)
+            got = np.frombuffer(f.read(2 * n), dtype="<u2")
+            np.testing.assert_array_equal(got, element_values(start, n))
+
+
+@pytest.mark.parametrize("layout", ["external", "inline"])
+def test_a_large_varint_field_converts_in_flat_memory(
+    varint_models: Any, layout: str, tmp_path: Path
+) -> None:
+    big, _ = varint_models
+    dst = tmp_path / "out.onnx"
+    code, peaks, stderr = _peak_run(str(big.path), str(dst), "--opset", "18",
+                                    "--layout", layout)
+    assert code == 0, stderr
+    data = tmp_path / "out.onnx.data"
+    _payload_matches(dst, data if layout == "external" else None, big.count)
+    assert peaks["copy"] > 0, peaks  # the copy ran in a process of its own
+    assert max(peaks.values()) < VARINT_PEAK_MIB, peaks
+
+
+@pytest.mark.parametrize("layout", ["external", "inline"])
+def test_an_endless_varint_is_refused_in_the_scan(
+    varint_models: Any, layout: str, tmp_path: Path
+) -> None:
+    _, endless = varint_models
+    dst = tmp_path / "out.onnx"
+    code, peaks, stderr = _peak_run(str(endless.path), str(dst), "--opset", "18",
+                                    "--layout", layout)
+    # the varint starts right after the field's tag and its 4-byte length
+    offset = endless.field_offset + 1 + 4
+    assert code == 2
+    assert stderr == (f"streamconv: error: {endless.path}: byte {offset}, "
+                      "graph.initializer[0] 'W': varint longer than 10 bytes in a packed field\n")
+    assert os.listdir(tmp_path) == []
+    assert max(peaks.values()) < VARINT_PEAK_MIB, peaks
+
+
+@pytest.mark.parametrize(
+    "field, offset, expect",
+    [
+        # the second varint has 11 bytes
+        (b"\x01" + b"\x80" * 10 + b"\x01", 1, "longer than 10 bytes"),
+        # a 10-byte varint is fine, the 11-byte one after it is not
+        (b"\x80" * 9 + b"\x01" + b"\x80" * 10 + b"\x01", 10, "longer than 10 bytes"),
+        # refused at its tenth continuation byte, though the field goes on
+        (b"\x01\x02" + b"\x80" * 11, 2, "longer than 10 bytes"),
+        (b"\x01\x02\x80\x80", 2, "packed varints end inside a varint"),
+    ],
+)
+def test_packed_varint_errors_name_offset_and_path(
+    field: bytes, offset: int, expect: str, tmp_path: Path
+) -> None:
+    body = (encode_len_header(1, 1) + b"\x02" + b"\x10\x07" + encode_len_header(8, 1) + b"W"
+            + encode_len_header(7, len(field)) + field)
+    graph = encode_len_header(5, len(body)) + body
+    data = b"\x08\x08" + encode_len_header(7, len(graph)) + graph
+    start = data.index(field)
+    with pytest.raises(WireFormatError, match=expect) as e:
+        skeleton_of(data, tmp_path, 0)
+    assert e.value.offset == start + offset
+    assert e.value.path == "graph.initializer[0] 'W'"
