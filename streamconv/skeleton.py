@@ -39,8 +39,11 @@ if TYPE_CHECKING:  # onnx and numpy load lazily: the wire phase runs while they 
 
 __all__ = [
     "MARKER",
+    "MAX_VALUE_READ",
+    "VALUE_INPUTS",
     "Payload",
     "Skeleton",
+    "ValueReader",
     "analyze_skeleton",
     "build_skeleton",
     "iter_raw_chunks",
@@ -48,7 +51,7 @@ __all__ = [
     "parse_decimal",
     "scan_payloads",
     "stub_id",
-    "value_read_names",
+    "value_readers",
 ]
 
 log = logging.getLogger(__name__)
@@ -60,8 +63,26 @@ CHUNK = 8 << 20
 #: about 40 bytes of temporary arrays per input byte.
 VARINT_CHUNK = 1 << 20
 
-# Inputs whose *values* onnx's version-converter adapters read, by op type.
-# Integer (int32/int64) tensors feeding any non-first input are kept too.
+#: Largest tensor put back into the skeleton because conversion reads its value.
+#: Such values are shapes, axes, pads, scales and the like: a few bytes in any
+#: real model.  Past this the tensor is refused rather than read whole (and past
+#: 2 GiB protobuf could not serialize the skeleton at all).
+MAX_VALUE_READ = 64 << 20
+
+_REDUCE_OPS = (
+    "ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1",
+    "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare",
+)
+
+# The one table of inputs whose *values* conversion reads, by op type: a stub
+# would read as empty there (a Squeeze 13->12 turns axes [0] into []).  An index
+# an op's version does not have is never matched, so one row serves every
+# version (Resize 10's scales at 1 and Resize 11's roi/scales/sizes at 1-3 both
+# fall under (1, 2, 3)).  Read by onnx's adapters (version_converter/adapters):
+# Reshape 5->4, Split 13->12, Squeeze/Unsqueeze/ReduceSum 13->12 and the other
+# Reduce* 18->17 (axes to attribute), Upsample 9->8 (scales), DFT 20->19 (axis,
+# input 2).  The others are read by streamconv's own adapters, which move these
+# inputs back to attributes or check their values against an older schema.
 VALUE_INPUTS: dict[str, tuple[int, ...]] = {
     "Reshape": (1,),
     "Squeeze": (1,),
@@ -84,16 +105,8 @@ VALUE_INPUTS: dict[str, tuple[int, ...]] = {
     "CenterCropPad": (1, 2),
     "Col2Im": (1, 2, 3),
     "DFT": (1, 2),
-    "ScatterElements": (),
-    **{
-        op: (1,)
-        for op in (
-            "ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1",
-            "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare",
-        )
-    },
+    **{op: (1,) for op in _REDUCE_OPS},
 }
-INDEX_TYPES = (6, 7)  # int32, int64
 
 
 @dataclass
@@ -447,28 +460,31 @@ def _all_node_lists(model: onnx.ModelProto) -> Iterator[Any]:
                     yield from _graphs_of(g)
 
 
-def value_read_names(model: onnx.ModelProto) -> tuple[set[str], set[str]]:
-    """Names feeding value-read inputs: ``(always, if_integer)``.
+@dataclass(frozen=True)
+class ValueReader:
+    """The first node input found that reads a value: op type, input index, node label."""
 
-    ``always`` holds names feeding an input listed in VALUE_INPUTS;
-    ``if_integer`` names feeding any other non-first input of an ai.onnx op,
-    which count when the tensor is int32/int64.
-    """
-    always: set[str] = set()
-    if_integer: set[str] = set()
+    op_type: str
+    index: int
+    node: str
+
+    def __str__(self) -> str:
+        return f"input {self.index} of {self.op_type} {self.node!r}"
+
+
+def value_readers(model: onnx.ModelProto) -> dict[str, ValueReader]:
+    """Names feeding an input listed in :data:`VALUE_INPUTS`, each with a node that reads it."""
+    readers: dict[str, ValueReader] = {}
     for container in _all_node_lists(model):
         for node in container.node:
             if node.domain not in ("", "ai.onnx"):
                 continue
             listed = VALUE_INPUTS.get(node.op_type, ())
             for i, name in enumerate(node.input):
-                if not name:
-                    continue
-                if i in listed:
-                    always.add(name)
-                elif i >= 1:
-                    if_integer.add(name)
-    return always, if_integer
+                if name and i in listed and name not in readers:
+                    label = node.name or (node.output[0] if node.output else "")
+                    readers[name] = ValueReader(node.op_type, i, label)
+    return readers
 
 
 def iter_stub_tensors(model: onnx.ModelProto) -> Iterator[tuple[onnx.TensorProto, str, str]]:
@@ -687,7 +703,7 @@ def analyze_skeleton(
     skeleton = Skeleton(data=data, model=model, payloads=payloads)
     if for_conversion:
         _restub_external(skeleton, source)
-        _keep_value_reads(skeleton)
+        _keep_value_reads(skeleton, source)
     return skeleton
 
 
@@ -756,17 +772,28 @@ def resolve_path(model: onnx.ModelProto, path: str) -> tuple[onnx.TensorProto, s
     return tensor, tensor.name
 
 
-def _keep_value_reads(skeleton: Skeleton) -> None:
-    """Put back inline every stubbed tensor whose value the converter reads."""
+def _keep_value_reads(skeleton: Skeleton, source: str) -> None:
+    """Put back inline every stubbed tensor whose value conversion reads.
+
+    Raises LimitError for such a tensor over :data:`MAX_VALUE_READ` bytes.
+    """
     if not skeleton.payloads:
         return
-    always, if_integer = value_read_names(skeleton.model)
+    readers = value_readers(skeleton.model)
+    if not readers:
+        return
     for ident, payload in list(skeleton.payloads.items()):
         tensor, value_name = resolve_path(skeleton.model, payload.path)
-        if not value_name:
+        reader = readers.get(value_name) if value_name else None
+        if reader is None:
             continue
-        if value_name in always or (value_name in if_integer and tensor.data_type in INDEX_TYPES):
-            del skeleton.payloads[ident]
-            log.debug("keeping value-read tensor %s inline (%d bytes)",
-                      payload.path, payload.nbytes)
-            _unstub(tensor, payload)
+        if payload.nbytes > MAX_VALUE_READ:
+            label = f"{payload.path} '{payload.name}'" if payload.name else payload.path
+            raise LimitError(
+                f"tensor of {payload.nbytes} bytes feeds {reader}, whose value conversion "
+                f"reads; streamconv reads such values up to {MAX_VALUE_READ >> 20} MiB",
+                file=source, path=label, offset=None if payload.external else payload.offset,
+            )
+        del skeleton.payloads[ident]
+        log.debug("keeping value-read tensor %s inline (%d bytes)", payload.path, payload.nbytes)
+        _unstub(tensor, payload)

@@ -12,6 +12,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper, version_converter
 
+from attacks import _wire as w_
 from streamconv.errors import ConversionError, WireFormatError
 from streamconv.skeleton import build_skeleton, stub_bytes
 from streamconv.splice import plan_output
@@ -106,16 +107,83 @@ def test_stubbed_axes_would_be_silently_wrong() -> None:
     assert helper.get_attribute_value(squeeze.attribute[0]) == []
 
 
-def test_integer_inputs_of_unlisted_ops_stay_inline(tmp_path: Path) -> None:
+def test_integer_inputs_no_adapter_reads_are_diverted(tmp_path: Path) -> None:
+    """Gather indices and a quantized bias are payloads like any other: nothing reads them."""
     idx = numpy_helper.from_array(np.arange(400, dtype=np.int64) % 16, "idx")
     w = numpy_helper.from_array(np.ones((16, 8), np.float32), "w")
+    bias = numpy_helper.from_array(np.arange(300, dtype=np.int32), "bias")
+    shape = numpy_helper.from_array(np.array([400, 8], np.int64), "shape")
     graph = helper.make_graph(
-        [helper.make_node("Gather", ["w", "idx"], ["y"])], "g", [],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], initializer=[w, idx],
+        [helper.make_node("Gather", ["w", "idx"], ["g"]),
+         helper.make_node("Reshape", ["g", "shape"], ["y"]),
+         helper.make_node("Add", ["b0", "bias"], ["z"])],
+        "g", [helper.make_tensor_value_info("b0", onnx.TensorProto.INT32, [300])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("z", onnx.TensorProto.INT32, None)],
+        initializer=[w, idx, bias, shape],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     sk = skeleton_of(model.SerializeToString(), tmp_path, 0)
-    assert {p.name for p in sk.payloads.values()} == {"w"}
+    # the Reshape's shape is read (Reshape 5->4 turns it into an attribute)
+    assert {p.name for p in sk.payloads.values()} == {"w", "idx", "bias"}
+
+
+#: What README promises streamconv reads of a value-read tensor (MAX_VALUE_READ).
+VALUE_READ_CAP = 64 << 20
+
+
+def test_a_value_read_tensor_past_the_cap_is_refused(tmp_path: Path) -> None:
+    """Unsqueeze axes of 64 MiB + 8 bytes in external data are refused, naming op and tensor.
+
+    The data file is sparse: nothing of it is written or read.
+    """
+    from attacks import _files
+    from streamconv import convert
+    from streamconv.errors import LimitError
+
+    count = VALUE_READ_CAP // 8 + 1
+    shape = w_.external_tensor("shape", [count], [("location", "s.bin")], data_type=w_.INT64)
+    body = w_.graph(
+        "cap", [w_.node("Unsqueeze", ["X", "shape"], ["Y"])],
+        inputs=[w_.value_info("X")], outputs=[w_.value_info("Y")], initializers=[shape],
+    )
+    model = _files.model_folder(tmp_path) / "model.onnx"
+    model.write_bytes(w_.model(body, opset=13))
+    with open(model.parent / "s.bin", "wb") as f:
+        f.truncate(count * 8)
+    with pytest.raises(LimitError) as e:
+        convert(model, tmp_path / "out.onnx", opset=11)
+    assert str(e.value) == (
+        f"{model}: graph.initializer[0] 'shape': tensor of {count * 8} bytes feeds input 1 of "
+        "Unsqueeze 'Y', whose value conversion reads; streamconv reads such values up to 64 MiB"
+    )
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_a_value_read_payload_past_the_cap_names_its_offset(tmp_path: Path) -> None:
+    """The same inline: the error names the payload's byte offset in the file."""
+    from streamconv import convert
+    from streamconv.errors import LimitError
+
+    count = VALUE_READ_CAP // 8 + 1
+    raw = bytes(count * 8)
+    shape = w_.tensor("shape", [count], raw, data_type=w_.INT64)
+    body = w_.graph(
+        "cap", [w_.node("Squeeze", ["X", "shape"], ["Y"])],
+        inputs=[w_.value_info("X")], outputs=[w_.value_info("Y")], initializers=[shape],
+    )
+    data = w_.model(body, opset=13)
+    path = tmp_path / "model.onnx"
+    path.write_bytes(data)
+    del raw, data
+    with pytest.raises(LimitError) as e:
+        convert(path, tmp_path / "out.onnx", opset=11)
+    with open(path, "rb") as f:
+        head = f.read(200)
+    start = head.index(b"\x4a") + 1 + 4  # raw_data tag, then a 4-byte length
+    assert e.value.offset == start and e.value.path == "graph.initializer[0] 'shape'"
+    assert "feeds input 1 of Squeeze 'Y'" in str(e.value)
+    assert not (tmp_path / "out.onnx").exists()
 
 
 def test_raw_data_length_must_match_dims(tmp_path: Path) -> None:
