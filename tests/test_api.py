@@ -260,6 +260,56 @@ def test_checker_failure_refuses_output(tmp_path: Path) -> None:
     assert report.check == "skipped"
 
 
+def _failing_input(dilations: bool) -> onnx.ModelProto:
+    """Opset 19: a Relu with an attribute it does not have (the input fails the checker),
+    then an AveragePool, with *dilations* (which onnx's 19->18 adapter keeps, though
+    AveragePool-11 has none)."""
+    from onnx import helper
+
+    extra = {"dilations": [2, 2]} if dilations else {}
+    side = 6 if dilations else 7
+    nodes = [
+        helper.make_node("Relu", ["X"], ["A"], foo=1),
+        helper.make_node("AveragePool", ["A"], ["Y"], kernel_shape=[2, 2], **extra),
+    ]
+    graph = helper.make_graph(
+        nodes, "pool", [helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT, [1, 1, 8, 8])],
+        [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, [1, 1, side, side])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+
+
+def test_a_new_checker_error_behind_an_old_one_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The input fails at the Relu; the result fails there too, and at the AveragePool.
+
+    The checker stops at its first error, the same in both, so only comparing
+    node by node sees the second.
+    """
+    src = save(_failing_input(dilations=True), tmp_path / "in.onnx")
+    before = digest(Path(src))
+    code = cli_main([src, str(tmp_path / "o.onnx"), "--opset", "18", "-q"])
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"streamconv: error: {src}: the converted model fails onnx.checker "
+                          "at the node making 'Y', where the input does not fail so: "
+                          "Unrecognized attribute: dilations for operator AveragePool"), err
+    assert not (tmp_path / "o.onnx").exists() and leftovers(tmp_path) == []
+    assert digest(Path(src)) == before
+
+
+def test_an_old_checker_error_alone_is_passed_through_with_a_warning(tmp_path: Path) -> None:
+    src = save(_failing_input(dilations=False), tmp_path / "in.onnx")
+    report = convert(src, tmp_path / "o.onnx", opset=18)
+    assert report.warnings == [
+        "the input already fails onnx.checker the same way: "
+        "Unrecognized attribute: foo for operator Relu"
+    ]
+    out = onnx.load(str(tmp_path / "o.onnx"))
+    assert [n.op_type for n in out.graph.node] == ["Relu", "AveragePool"]
+
+
 def test_cli_summary_and_quiet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src = save(reduce_chain(), tmp_path / "in.onnx")
     assert cli_main([src, str(tmp_path / "o.onnx"), "--opset", "13"]) == 0
