@@ -47,13 +47,14 @@ def payload_hashes(path: Path) -> dict[str, str]:
     with open(path, "rb") as f:
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         sk = build_skeleton(buf, size, str(path), 1 << 20, for_conversion=False)
+        buf.close()
         out = {}
+        # read, not sliced from the mapping: the pages would stay in this process
         for p in sk.payloads.values():
             h = hashlib.sha256()
             for pos in range(p.offset, p.offset + p.length, 64 << 20):
-                h.update(buf[pos:min(pos + (64 << 20), p.offset + p.length)])
+                h.update(os.pread(f.fileno(), min(64 << 20, p.offset + p.length - pos), pos))
             out[p.name] = h.hexdigest()
-        buf.close()
     return out
 
 
