@@ -531,6 +531,10 @@ def iter_stub_tensors(model: onnx.ModelProto) -> Iterator[tuple[onnx.TensorProto
         yield from of_nodes(fn.node, f"functions[{i}]")
 
 
+#: Digits of the largest external-data offset or length read (2**64 has 20).
+MAX_DECIMAL_DIGITS = 20
+
+
 def parse_decimal(text: str | None) -> int | None:
     """The value of *text* if it is plain ASCII decimal digits, else None.
 
@@ -540,6 +544,8 @@ def parse_decimal(text: str | None) -> int | None:
     """
     if text is None or not text or not text.isascii() or not text.isdigit():
         return None
+    if len(text) > MAX_DECIMAL_DIGITS:
+        return None  # past any file size (and int() refuses over 4300 digits)
     return int(text)
 
 
@@ -597,6 +603,11 @@ def _external_payload(
         if text is not None and value is None:
             if parse_decimal(text[1:]) is not None and text[0] == "-":
                 raise ExternalDataError(f"negative {key} {text}", **where)
+            if text.isascii() and text.isdigit():
+                raise ExternalDataError(
+                    f"{key} {text[:40]!r}... has {len(text)} digits; at most "
+                    f"{MAX_DECIMAL_DIGITS} (2**64) are read", **where,
+                )
             raise ExternalDataError(
                 f"{key} {text[:40]!r} is not a plain decimal number (ASCII digits only)", **where
             )

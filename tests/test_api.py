@@ -327,27 +327,32 @@ def test_cli_usage_error_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 
 def test_external_layout_with_value_read_tensor_copied_early(tmp_path: Path) -> None:
-    """A large integer input (kept inline for the converter) may already be in the
-    sidecar when analysis keeps it inline; the output stays correct."""
+    """A large value-read input (a Reshape shape of 8200 ones, 65600 bytes) is copied into
+    the sidecar before analysis keeps it inline; the output stays correct."""
     from onnx import helper
 
-    idx = numpy_helper.from_array((np.arange(100_000, dtype=np.int64) * 7) % 512, "idx")
+    shape = numpy_helper.from_array(np.ones(8200, dtype=np.int64), "shape")
     table = numpy_helper.from_array(rand((512, 64)), "table")
     graph = helper.make_graph(
-        [helper.make_node("Gather", ["table", "idx"], ["Y"])], "g", [],
-        [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, None)],
-        initializer=[table, idx],
+        [helper.make_node("Reshape", ["X", "shape"], ["R"]),
+         helper.make_node("Identity", ["table"], ["T"])], "g",
+        [helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("R", onnx.TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("T", onnx.TensorProto.FLOAT, None)],
+        initializer=[table, shape],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     src = save(model, tmp_path / "in.onnx")
     dst = tmp_path / "out.onnx"
     report = convert(src, dst, opset=18, layout="external")
-    assert report.tensors_diverted == 1  # the table; idx stays inline
+    assert report.tensors_diverted == 1  # the table; the shape stays inline
     out = onnx.load(str(dst), load_external_data=False)
     by_name = {t.name: t for t in out.graph.initializer}
-    assert by_name["idx"].HasField("raw_data")
+    assert by_name["shape"].raw_data == shape.raw_data
     assert by_name["table"].data_location == onnx.TensorProto.EXTERNAL
-    np.testing.assert_array_equal(run(dst, {})[0], run(src, {})[0])
+    loaded = {t.name: t for t in onnx.load(str(dst)).graph.initializer}
+    np.testing.assert_array_equal(numpy_helper.to_array(loaded["table"]),
+                                  numpy_helper.to_array(table))
 
 
 def test_checksums_match_sidecar_bytes(tmp_path: Path) -> None:

@@ -203,6 +203,7 @@ def test_missing_data_file(converted: Path) -> None:
         ([("location", "w.bin"), ("length", "+4096")], "not a plain decimal"),
         ([("location", "w.bin"), ("length", "\u0664\u0660\u0669\u0666")], "not a plain decimal"),
         ([("location", "w.bin"), ("offset", "")], "not a plain decimal"),
+        ([("location", "w.bin"), ("offset", "9" * 5000)], "has 5000 digits; at most 20"),
         ([("location", "w.bin"), ("offset", "-1")], "negative offset"),
         ([("location", "w.bin"), ("checksum", "abc")], "not a SHA-1 hex digest"),
         ([("location", "w.bin"), ("checksum", "0" * 40)], "checksum mismatch"),
