@@ -48,7 +48,7 @@ fuzz: $(STAMP)
 	STREAMCONV_FUZZ_EXAMPLES=20000 $(PY) -m pytest -q tests/test_fuzz.py
 
 lint: $(STAMP)
-	$(PY) -m ruff check streamconv tests fixtures bench
+	$(PY) -m ruff check streamconv tests fixtures bench attacks
 	$(PY) -m mypy
 
 clean:

@@ -2,7 +2,8 @@
 
 Each module documents what its file does and what streamconv must answer, and
 defines ``EXPECT`` (a fragment of the one-line error the converter must give,
-or None when converting is a correct answer), ``VERIFY`` (the exit code
+and verify too when it cannot read the model; or None when the file is valid
+and must convert), ``VERIFY`` (the exit code
 ``streamconv verify`` must give: 0 all sound, 1 a problem reported, 2 an
 unreadable model) and ``build(folder) -> Path``, which writes the attack into
 *folder* and returns the model's path.  The model

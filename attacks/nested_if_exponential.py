@@ -1,8 +1,8 @@
 """Ifs nested 24 deep: well within every nesting limit, and only a few kilobytes.
 
 A walk that enters every subgraph of a node once per graph attribute does
-2**24 visits here; the file must convert (or be refused) in seconds.
-``EXPECT = None``: converting is a correct answer, taking minutes is not.
+2**24 visits here.
+``EXPECT = None``: the file is valid and must convert, in seconds, not minutes.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from attacks import _files
 
-EXPECT = ""
+EXPECT = "byte 2, model: invalid field number 0"
 VERIFY = 2
 
 

@@ -133,51 +133,142 @@ def open_input(src: str) -> tuple[int, int]:
     return fd, size
 
 
-def _checker_error(model_bytes: bytes, payloads: dict[int, Any], workdir: str) -> str | None:
-    """onnx's full check of a serialized skeleton without its payloads; the error or None.
+class _Checker:
+    """onnx's full check of serialized skeletons without their payloads.
 
     Each stub's location (``__streamconv__/<id>``) is made a sparse file of the
-    payload's size in a scratch folder, so the check costs what the skeleton
+    payload's size in a scratch folder, so a check costs what the skeleton
     costs, whatever the size of the weights.
     """
-    import shutil
-    import tempfile
 
-    import onnx
+    def __init__(self, payloads: dict[int, Any], workdir: str) -> None:
+        import tempfile
 
-    folder = tempfile.mkdtemp(prefix="check-", dir=workdir)
-    try:
-        stub_dir = os.path.join(folder, MARKER.rstrip("/"))
+        self.folder = tempfile.mkdtemp(prefix="check-", dir=workdir)
+        stub_dir = os.path.join(self.folder, MARKER.rstrip("/"))
         os.mkdir(stub_dir)
         for ident, payload in payloads.items():
             with open(os.path.join(stub_dir, str(ident)), "wb") as f:
                 f.truncate(payload.nbytes)
-        path = os.path.join(folder, "check.onnx")
-        with open(path, "wb") as f:
+        self.path = os.path.join(self.folder, "check.onnx")
+
+    def error(self, model_bytes: bytes) -> str | None:
+        """The checker's error on *model_bytes*, one stripped line per line, or None."""
+        import onnx
+
+        with open(self.path, "wb") as f:
             f.write(model_bytes)
         try:
-            onnx.checker.check_model(path, full_check=True)
+            onnx.checker.check_model(self.path, full_check=True)
         except Exception as e:
             lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
             return "\n".join(lines) if lines else type(e).__name__
         return None
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+
+    def close(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+#: Most main-graph nodes :func:`_check` compares one by one; past it a result
+#: that fails the checker is refused (each node costs one check of the skeleton).
+MAX_COMPARED_NODES = 1000
+MASKED_DOMAIN = "streamconv.masked"
+
+
+def _masked(model: Any, keep: Any) -> bytes:
+    """*model* with every main-graph node whose outputs are not in *keep* made opaque.
+
+    An opaque node keeps its inputs and outputs but belongs to a domain no
+    schema knows, so the checker neither checks it nor infers its outputs.
+    """
+    import onnx
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for node in out.graph.node:
+        if tuple(node.output) not in keep:
+            inputs, outputs = list(node.input), list(node.output)
+            node.Clear()
+            node.input.extend(inputs)
+            node.output.extend(outputs)
+            node.op_type, node.domain = "Opaque", MASKED_DOMAIN
+    out.opset_import.add(domain=MASKED_DOMAIN, version=1)
+    return bytes(out.SerializeToString())
+
+
+def _node_errors(model: Any, checker: _Checker) -> dict[tuple[str, ...], str]:
+    """The main-graph nodes that fail the checker, by their outputs, with each one's error.
+
+    The checker stops at its first error, so nodes are made real one at a time
+    in graph order: node *n* is checked with the nodes before it real (those
+    found failing made opaque again) and the nodes after it opaque.  Each
+    failing node is thus named with the first error it causes itself.
+    """
+    keys = _keys(model)
+    failing: dict[tuple[str, ...], str] = {}
+    for i, key in enumerate(keys):
+        real = {k for k in keys[: i + 1] if k not in failing}
+        error = checker.error(_masked(model, real))
+        if error is not None:
+            failing[key] = error
+    return failing
 
 
 def _check(converted: bytes, skeleton: Skeleton, workdir: str, notes: list[str]) -> None:
-    """Refuse a converted model that fails onnx's checker, unless the input fails alike."""
-    error = _checker_error(converted, skeleton.payloads, workdir)
-    if error is None:
-        return
-    first = error.splitlines()[0]
-    before = _checker_error(skeleton.model.SerializeToString(), skeleton.payloads, workdir)
-    if before is not None and all(line in before for line in error.splitlines()):
+    """Refuse a converted model that fails onnx's checker, unless the input fails alike.
+
+    The checker stops at its first error, so "alike" is judged node by node
+    (see :func:`_node_errors`): every main-graph node that fails in the result
+    must fail the same way in the input, and the input must not fail before
+    the checker reaches its nodes.  Raises ConversionError otherwise.
+    """
+    import onnx
+
+    checker = _Checker(skeleton.payloads, workdir)
+    try:
+        error = checker.error(converted)
+        if error is None:
+            return
+        summary = " ".join(error.splitlines()[:3])
+        refused = f"the converted model fails onnx.checker: {summary}"
+        if checker.error(skeleton.model.SerializeToString()) is None:
+            raise ConversionError(refused)
+        result = onnx.ModelProto()
+        result.ParseFromString(converted)
+        nodes = max(len(result.graph.node), len(skeleton.model.graph.node))
+        if nodes > MAX_COMPARED_NODES:
+            raise ConversionError(
+                f"{refused} (the input fails too, but with {nodes} nodes it is not compared "
+                f"node by node; at most {MAX_COMPARED_NODES} are)"
+            )
+        frame = checker.error(_masked(skeleton.model, set()))
+        if frame is not None:
+            # it fails before the checker looks at any node: nothing can be compared
+            raise ConversionError(
+                f"{refused} (the input fails too, outside its nodes: "
+                f"{' '.join(frame.splitlines()[:2])})"
+            )
+        before = _node_errors(skeleton.model, checker)
+        after = _node_errors(result, checker)
+        for key, message in after.items():
+            if before.get(key) != message:
+                first = " ".join(message.splitlines()[:3])
+                raise ConversionError(
+                    f"the converted model fails onnx.checker at the node making "
+                    f"{', '.join(key)!r}, where the input does not fail so: {first}"
+                )
+        first = error.splitlines()[0]
         notes.append(f"the input already fails onnx.checker the same way: {first}")
         log.warning("the input already fails onnx.checker the same way: %s", first)
-        return
-    summary = " ".join(error.splitlines()[:3])
-    raise ConversionError(f"the converted model fails onnx.checker: {summary}")
+    finally:
+        checker.close()
+
+
+def _keys(model: Any) -> list[tuple[str, ...]]:
+    """The outputs of every main-graph node, each tuple identifying its node."""
+    return [tuple(node.output) for node in model.graph.node]
 
 
 def _weights_first_tail(

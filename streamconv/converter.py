@@ -127,10 +127,75 @@ def _unknown_fields(message: Message) -> bytes:
     return bytes(probe.SerializeToString())
 
 
+def _has_unknown(message: Message) -> bool:
+    """Whether *message* or any message inside it carries fields its schema does not know."""
+    probe = type(message)()
+    probe.CopyFrom(message)
+    probe.DiscardUnknownFields()
+    return bool(probe.ByteSize() != message.ByteSize())
+
+
+def _identity(message: Message, index: int) -> tuple[object, ...]:
+    """What a repeated message is matched by between the input and the converter's output.
+
+    Nodes by their outputs, named things by name, opset imports by domain,
+    metadata entries by key; anything else by position.
+    """
+    if isinstance(message, onnx.NodeProto) and message.output:
+        return ("outputs", tuple(message.output))
+    if isinstance(message, onnx.FunctionProto):
+        return ("function", message.domain, message.name, str(getattr(message, "overload", "")))
+    if isinstance(message, onnx.OperatorSetIdProto):
+        return ("domain", message.domain)
+    if isinstance(message, onnx.StringStringEntryProto):
+        return ("key", message.key)
+    if isinstance(message, onnx.SparseTensorProto) and message.values.name:
+        return ("name", message.values.name)
+    if "name" in message.DESCRIPTOR.fields_by_name:
+        name = str(getattr(message, "name"))  # noqa: B009 - a proto field, not an attribute
+        if name:
+            return ("name", name)
+    return ("index", index)
+
+
 def _carry_unknown(source: Message, target: Message) -> None:
+    """Copy the unknown fields of *source*, and of every message inside it, onto *target*.
+
+    Sub-messages are matched by :func:`_identity`; positions count only where
+    both sides hold as many.  A message the converter removed or replaced
+    (an attribute turned into an input, a node rewritten into others) has no
+    counterpart, and its unknown fields are lost.  A target that already has
+    unknown fields of its own (a copy of the source) is left as it is.
+    """
+    if not _has_unknown(source):
+        return
     data = _unknown_fields(source)
-    if data:
+    if data and not _unknown_fields(target):
         target.MergeFromString(data)
+    for descriptor in source.DESCRIPTOR.fields:
+        if descriptor.message_type is None:
+            continue
+        name = descriptor.name
+        # protobuf 7 drops FieldDescriptor.label for is_repeated; 4.21 has only label
+        repeated = getattr(descriptor, "is_repeated", None)
+        if repeated is None:
+            repeated = descriptor.label == descriptor.LABEL_REPEATED
+        if not repeated:
+            if source.HasField(name) and target.HasField(name):
+                _carry_unknown(getattr(source, name), getattr(target, name))
+            continue
+        sources, targets = getattr(source, name), getattr(target, name)
+        if not sources or not targets:
+            continue
+        by_identity: dict[tuple[object, ...], Message] = {}
+        for i, message in enumerate(targets):
+            by_identity.setdefault(_identity(message, i), message)
+        positional = len(sources) == len(targets)
+        for i, message in enumerate(sources):
+            identity = _identity(message, i)
+            match = by_identity.get(identity)
+            if match is not None and (identity[0] != "index" or positional):
+                _carry_unknown(message, match)
 
 
 _GRAPH_TYPES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)

@@ -30,6 +30,7 @@ __all__ = [
     "format_path",
     "map_file",
     "parse_tensor_fields",
+    "read_packed_varints",
     "rewrite_message",
 ]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import mmap
 import os
 import posixpath
 import stat
@@ -30,7 +31,7 @@ from .scan import (
     read_packed_varints,
     rewrite_message,
 )
-from .wire import encode_len_header, encode_tag, encode_varint
+from .wire import MAX_VARINT_BYTES, encode_len_header, encode_tag, encode_varint
 
 if TYPE_CHECKING:  # onnx and numpy load lazily: the wire phase runs while they import
     import numpy as np
@@ -38,15 +39,19 @@ if TYPE_CHECKING:  # onnx and numpy load lazily: the wire phase runs while they 
 
 __all__ = [
     "MARKER",
+    "MAX_VALUE_READ",
+    "VALUE_INPUTS",
     "Payload",
     "Skeleton",
+    "ValueReader",
     "analyze_skeleton",
     "build_skeleton",
     "iter_raw_chunks",
     "iter_stub_tensors",
+    "parse_decimal",
     "scan_payloads",
     "stub_id",
-    "value_read_names",
+    "value_readers",
 ]
 
 log = logging.getLogger(__name__)
@@ -54,9 +59,30 @@ log = logging.getLogger(__name__)
 MARKER = "__streamconv__/"
 MARKER_BYTES = MARKER.encode()
 CHUNK = 8 << 20
+#: Bytes of a packed varint field read (and decoded) at a time: decoding costs
+#: about 40 bytes of temporary arrays per input byte.
+VARINT_CHUNK = 1 << 20
 
-# Inputs whose *values* onnx's version-converter adapters read, by op type.
-# Integer (int32/int64) tensors feeding any non-first input are kept too.
+#: Largest tensor put back into the skeleton because conversion reads its value.
+#: Such values are shapes, axes, pads, scales and the like: a few bytes in any
+#: real model.  Past this the tensor is refused rather than read whole (and past
+#: 2 GiB protobuf could not serialize the skeleton at all).
+MAX_VALUE_READ = 64 << 20
+
+_REDUCE_OPS = (
+    "ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1",
+    "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare",
+)
+
+# The one table of inputs whose *values* conversion reads, by op type: a stub
+# would read as empty there (a Squeeze 13->12 turns axes [0] into []).  An index
+# an op's version does not have is never matched, so one row serves every
+# version (Resize 10's scales at 1 and Resize 11's roi/scales/sizes at 1-3 both
+# fall under (1, 2, 3)).  Read by onnx's adapters (version_converter/adapters):
+# Reshape 5->4, Split 13->12, Squeeze/Unsqueeze/ReduceSum 13->12 and the other
+# Reduce* 18->17 (axes to attribute), Upsample 9->8 (scales), DFT 20->19 (axis,
+# input 2).  The others are read by streamconv's own adapters, which move these
+# inputs back to attributes or check their values against an older schema.
 VALUE_INPUTS: dict[str, tuple[int, ...]] = {
     "Reshape": (1,),
     "Squeeze": (1,),
@@ -79,16 +105,8 @@ VALUE_INPUTS: dict[str, tuple[int, ...]] = {
     "CenterCropPad": (1, 2),
     "Col2Im": (1, 2, 3),
     "DFT": (1, 2),
-    "ScatterElements": (),
-    **{
-        op: (1,)
-        for op in (
-            "ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1",
-            "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare",
-        )
-    },
+    **{op: (1,) for op in _REDUCE_OPS},
 }
-INDEX_TYPES = (6, 7)  # int32, int64
 
 
 @dataclass
@@ -114,6 +132,8 @@ class Payload:
     header: bytes = b""
     #: True when the payload lives in one of the input's external-data files
     external: bool = False
+    #: the tensor's dims as read; its stub must come back from conversion with these
+    dims: tuple[int, ...] = ()
 
     @property
     def size(self) -> int:
@@ -165,17 +185,60 @@ def _elements(dims: list[int], where: dict[str, Any]) -> int:
     return math.prod(dims)
 
 
+def _release(buf: Any, start: int, end: int) -> None:
+    """Drop the mapped pages of ``buf[start:end]`` from this process's memory.
+
+    Pages of a file mapping that were read count towards the process's
+    resident memory until the mapping goes; a varint field is read whole, so
+    without this a 2 GB field would leave 2 GB resident.  The bytes stay in the
+    page cache and fault back in if read again.
+    """
+    madvise = getattr(buf, "madvise", None)
+    if madvise is None:
+        return  # not a mapping: the bytes are in memory anyway
+    first = start - start % mmap.PAGESIZE
+    last = end - end % mmap.PAGESIZE  # keep the partial page at the end (it may hold a header)
+    if last > first:
+        madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
 def _count_varints(buf: Any, start: int, end: int, where: dict[str, Any]) -> int:
-    """Count the varints in a packed run, checking it ends on a whole varint."""
-    if end > start and buf[end - 1] >= 0x80:
-        raise WireFormatError("packed varints end inside a varint", **where)
+    """Count the varints in a packed run in one bounded-memory pass.
+
+    Refuses, naming the varint's own offset, a varint longer than 10 bytes (as
+    soon as its tenth continuation byte is seen) and a run that ends inside a
+    varint; so the copy that decodes the run later never meets either.
+    """
     import numpy as np
 
     count = 0
-    for pos in range(start, end, CHUNK):
-        n = min(CHUNK, end - pos)
+    run = 0  # continuation bytes at the end of what was read so far
+    path = where.get("path")
+    for pos in range(start, end, VARINT_CHUNK):
+        n = min(VARINT_CHUNK, end - pos)
         arr = np.frombuffer(buf, dtype=np.uint8, count=n, offset=pos)
-        count += int(np.count_nonzero(arr < 0x80))
+        ends = np.flatnonzero(arr < 0x80)
+        del arr
+        if len(ends) == 0:
+            run += n
+        else:
+            # a varint is longer than 10 bytes when 10 continuation bytes precede its last
+            if run + int(ends[0]) >= MAX_VARINT_BYTES:
+                raise WireFormatError("varint longer than 10 bytes in a packed field",
+                                      offset=pos - run, path=path)
+            long = np.flatnonzero(np.diff(ends) > MAX_VARINT_BYTES)
+            if len(long):
+                raise WireFormatError("varint longer than 10 bytes in a packed field",
+                                      offset=pos + int(ends[long[0]]) + 1, path=path)
+            run = n - 1 - int(ends[-1])
+            count += len(ends)
+        del ends
+        if run >= MAX_VARINT_BYTES:
+            raise WireFormatError("varint longer than 10 bytes in a packed field",
+                                  offset=pos + n - run, path=path)
+        _release(buf, pos, pos + n)
+    if run:
+        raise WireFormatError("packed varints end inside a varint", offset=end - run, path=path)
     return count
 
 
@@ -280,6 +343,7 @@ class _Stubber:
             count=count,
             nbytes=nbytes,
             header=bytes(buf[p.field_start:p.value]),
+            dims=tuple(dims),
         )
         out = Rewrite()
         out.add(bytes(buf[start:p.field_start]))
@@ -312,12 +376,12 @@ def _decode_varints(arr: np.ndarray, offset: int) -> np.ndarray:
     return values
 
 
-def _iter_stored(payload: Payload, fd: int) -> Iterator[tuple[int, bytes]]:
-    """The payload's bytes as stored, in bounded chunks, with their offsets."""
+def _iter_stored(payload: Payload, fd: int, chunk: int = CHUNK) -> Iterator[tuple[int, bytes]]:
+    """The payload's bytes as stored, in chunks of at most *chunk* bytes, with their offsets."""
     end = payload.offset + payload.length
     pos = payload.offset
     while pos < end:
-        data = os.pread(fd, min(CHUNK, end - pos), pos)
+        data = os.pread(fd, min(chunk, end - pos), pos)
         if not data:
             raise ExternalDataError(
                 f"file ended at byte {pos}, before the payload's end at {end}",
@@ -339,15 +403,21 @@ def iter_raw_chunks(payload: Payload, fd: int) -> Iterator[bytes]:
     target = np.dtype(F.TYPED_FIELD_TARGETS[payload.number][payload.data_type])
     signed = payload.number != F.TENSOR_UINT64_DATA
     carry = b""
-    for pos, data in _iter_stored(payload, fd):
+    for pos, data in _iter_stored(payload, fd, VARINT_CHUNK):
         chunk_start = pos - len(carry)
         block = np.frombuffer(carry + data, dtype=np.uint8)
         ends = np.flatnonzero(block < 0x80)
         cut = int(ends[-1]) + 1 if len(ends) else 0
+        # the scan checked every varint; these hold only if the file changed since
+        if len(block) - cut >= MAX_VARINT_BYTES:
+            raise WireFormatError("varint longer than 10 bytes in a packed field",
+                                  offset=pos + cut - len(carry), path=payload.path)
         if pos + len(data) >= end and cut != len(block):
-            raise WireFormatError("packed varints end inside a varint", offset=chunk_start)
+            raise WireFormatError("packed varints end inside a varint", offset=chunk_start,
+                                  path=payload.path)
         values = _decode_varints(block[:cut], chunk_start)
         carry = block[cut:].tobytes()
+        del block, ends
         if signed:
             values = values.view(np.int64)
         yield values.astype(target, casting="unsafe").tobytes()
@@ -390,28 +460,31 @@ def _all_node_lists(model: onnx.ModelProto) -> Iterator[Any]:
                     yield from _graphs_of(g)
 
 
-def value_read_names(model: onnx.ModelProto) -> tuple[set[str], set[str]]:
-    """Names feeding value-read inputs: ``(always, if_integer)``.
+@dataclass(frozen=True)
+class ValueReader:
+    """The first node input found that reads a value: op type, input index, node label."""
 
-    ``always`` holds names feeding an input listed in VALUE_INPUTS;
-    ``if_integer`` names feeding any other non-first input of an ai.onnx op,
-    which count when the tensor is int32/int64.
-    """
-    always: set[str] = set()
-    if_integer: set[str] = set()
+    op_type: str
+    index: int
+    node: str
+
+    def __str__(self) -> str:
+        return f"input {self.index} of {self.op_type} {self.node!r}"
+
+
+def value_readers(model: onnx.ModelProto) -> dict[str, ValueReader]:
+    """Names feeding an input listed in :data:`VALUE_INPUTS`, each with a node that reads it."""
+    readers: dict[str, ValueReader] = {}
     for container in _all_node_lists(model):
         for node in container.node:
             if node.domain not in ("", "ai.onnx"):
                 continue
             listed = VALUE_INPUTS.get(node.op_type, ())
             for i, name in enumerate(node.input):
-                if not name:
-                    continue
-                if i in listed:
-                    always.add(name)
-                elif i >= 1:
-                    if_integer.add(name)
-    return always, if_integer
+                if name and i in listed and name not in readers:
+                    label = node.name or (node.output[0] if node.output else "")
+                    readers[name] = ValueReader(node.op_type, i, label)
+    return readers
 
 
 def iter_stub_tensors(model: onnx.ModelProto) -> Iterator[tuple[onnx.TensorProto, str, str]]:
@@ -456,6 +529,24 @@ def iter_stub_tensors(model: onnx.ModelProto) -> Iterator[tuple[onnx.TensorProto
         yield from of_graph(info.algorithm, f"training_info[{i}].algorithm")
     for i, fn in enumerate(model.functions):
         yield from of_nodes(fn.node, f"functions[{i}]")
+
+
+#: Digits of the largest external-data offset or length read (2**64 has 20).
+MAX_DECIMAL_DIGITS = 20
+
+
+def parse_decimal(text: str | None) -> int | None:
+    """The value of *text* if it is plain ASCII decimal digits, else None.
+
+    ONNX writes external-data offsets and lengths as decimal strings.  Python's
+    ``int()`` also takes signs, ``_`` separators, surrounding whitespace and
+    non-ASCII digits, so two readers could disagree on where a tensor lies.
+    """
+    if text is None or not text or not text.isascii() or not text.isdigit():
+        return None
+    if len(text) > MAX_DECIMAL_DIGITS:
+        return None  # past any file size (and int() refuses over 4300 digits)
+    return int(text)
 
 
 def _safe_location(location: str, base: str, where: dict[str, Any]) -> str:
@@ -504,12 +595,23 @@ def _external_payload(
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in keys.items()):
         raise ExternalDataError("external_data keys and values must be UTF-8 text", **where)
     real = _safe_location(keys.get("location", ""), base, where)
-    try:
-        offset = int(keys.get("offset", "0"))
-        length_text = keys.get("length")
-        length = int(length_text) if length_text is not None else None
-    except ValueError as e:
-        raise ExternalDataError(f"offset/length are not integers: {keys}", **where) from e
+    offset_text = keys.get("offset", "0")
+    length_text = keys.get("length")
+    offset = parse_decimal(offset_text)
+    length = parse_decimal(length_text) if length_text is not None else None
+    for key, text, value in (("offset", offset_text, offset), ("length", length_text, length)):
+        if text is not None and value is None:
+            if parse_decimal(text[1:]) is not None and text[0] == "-":
+                raise ExternalDataError(f"negative {key} {text}", **where)
+            if text.isascii() and text.isdigit():
+                raise ExternalDataError(
+                    f"{key} {text[:40]!r}... has {len(text)} digits; at most "
+                    f"{MAX_DECIMAL_DIGITS} (2**64) are read", **where,
+                )
+            raise ExternalDataError(
+                f"{key} {text[:40]!r} is not a plain decimal number (ASCII digits only)", **where
+            )
+    assert offset is not None
     dims = list(tensor.dims)
     if any(d < 0 for d in dims):
         raise ExternalDataError(f"negative dimension in dims {dims}", **where)
@@ -519,8 +621,6 @@ def _external_payload(
         if expected is None:
             raise ExternalDataError("external tensor without a length", **where)
         length = expected
-    if offset < 0 or length < 0:
-        raise ExternalDataError(f"negative offset {offset} or length {length}", **where)
     if expected is not None and expected != length:
         raise ExternalDataError(
             f"length {length} but dims {dims} of {F.DATA_TYPES[tensor.data_type][0]} "
@@ -537,7 +637,7 @@ def _external_payload(
     return Payload(
         id=ident, path=path, name=tensor.name, source=real, offset=offset, length=length,
         encoding="raw", number=F.TENSOR_RAW_DATA, data_type=tensor.data_type, count=count,
-        nbytes=length, external=True,
+        nbytes=length, external=True, dims=tuple(dims),
     )
 
 
@@ -614,7 +714,7 @@ def analyze_skeleton(
     skeleton = Skeleton(data=data, model=model, payloads=payloads)
     if for_conversion:
         _restub_external(skeleton, source)
-        _keep_value_reads(skeleton)
+        _keep_value_reads(skeleton, source)
     return skeleton
 
 
@@ -632,6 +732,7 @@ def _restub_external(skeleton: Skeleton, source: str) -> None:
     ours = set(skeleton.payloads)
     for tensor, _, path in iter_stub_tensors(skeleton.model):
         if tensor.data_location != F.DATA_LOCATION_EXTERNAL:
+            _refuse_reserved(tensor, source, path)
             continue
         ident = stub_id(tensor)
         if ident is not None and ident in ours:
@@ -640,6 +741,24 @@ def _restub_external(skeleton: Skeleton, source: str) -> None:
         ident = len(skeleton.payloads) + 1
         skeleton.payloads[ident] = _external_payload(tensor, ident, base, source, path)
         _make_stub(tensor, ident)
+
+
+def _refuse_reserved(tensor: onnx.TensorProto, source: str, path: str) -> None:
+    """Refuse an inline tensor whose external_data names a stub location.
+
+    Such a tensor is not external data, but the splicer finds stubs by their
+    location; letting it through would hand it another tensor's payload.
+    """
+    for entry in tensor.external_data:
+        value = entry.value
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        if isinstance(value, str) and value.startswith(MARKER):
+            raise ExternalDataError(
+                f"location {value!r} uses a reserved name (on a tensor whose data_location "
+                "is not EXTERNAL)",
+                file=source, path=f"{path} '{tensor.name}'" if tensor.name else path,
+            )
 
 
 def resolve_path(model: onnx.ModelProto, path: str) -> tuple[onnx.TensorProto, str]:
@@ -664,17 +783,28 @@ def resolve_path(model: onnx.ModelProto, path: str) -> tuple[onnx.TensorProto, s
     return tensor, tensor.name
 
 
-def _keep_value_reads(skeleton: Skeleton) -> None:
-    """Put back inline every stubbed tensor whose value the converter reads."""
+def _keep_value_reads(skeleton: Skeleton, source: str) -> None:
+    """Put back inline every stubbed tensor whose value conversion reads.
+
+    Raises LimitError for such a tensor over :data:`MAX_VALUE_READ` bytes.
+    """
     if not skeleton.payloads:
         return
-    always, if_integer = value_read_names(skeleton.model)
+    readers = value_readers(skeleton.model)
+    if not readers:
+        return
     for ident, payload in list(skeleton.payloads.items()):
         tensor, value_name = resolve_path(skeleton.model, payload.path)
-        if not value_name:
+        reader = readers.get(value_name) if value_name else None
+        if reader is None:
             continue
-        if value_name in always or (value_name in if_integer and tensor.data_type in INDEX_TYPES):
-            del skeleton.payloads[ident]
-            log.debug("keeping value-read tensor %s inline (%d bytes)",
-                      payload.path, payload.nbytes)
-            _unstub(tensor, payload)
+        if payload.nbytes > MAX_VALUE_READ:
+            label = f"{payload.path} '{payload.name}'" if payload.name else payload.path
+            raise LimitError(
+                f"tensor of {payload.nbytes} bytes feeds {reader}, whose value conversion "
+                f"reads; streamconv reads such values up to {MAX_VALUE_READ >> 20} MiB",
+                file=source, path=label, offset=None if payload.external else payload.offset,
+            )
+        del skeleton.payloads[ident]
+        log.debug("keeping value-read tensor %s inline (%d bytes)", payload.path, payload.nbytes)
+        _unstub(tensor, payload)

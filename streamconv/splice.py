@@ -16,7 +16,15 @@ from typing import Any
 
 from . import fields as F
 from .errors import ConversionError, OutputError
-from .scan import Hooks, Path, Rewrite, format_path, parse_tensor_fields, rewrite_message
+from .scan import (
+    Hooks,
+    Path,
+    Rewrite,
+    format_path,
+    parse_tensor_fields,
+    read_packed_varints,
+    rewrite_message,
+)
 from .skeleton import MARKER, MARKER_BYTES, Payload
 from .wire import encode_len_header, encode_tag, encode_varint, read_field
 from .writer import Background, Gap, PayloadRef, write_pieces
@@ -82,6 +90,11 @@ def _entry(key: str, value: str) -> bytes:
     return encode_len_header(F.TENSOR_EXTERNAL_DATA, len(body)) + body
 
 
+def _describe(dims: list[int], data_type: int) -> str:
+    name = F.DATA_TYPES.get(data_type, (f"data type {data_type}", 0))[0]
+    return f"dims {dims} of {name}"
+
+
 def _entry_location(buf: Any, start: int, end: int) -> str | None:
     key = value = None
     pos = start
@@ -132,20 +145,50 @@ class _Splicer:
     def tensor(self, buf: Any, start: int, end: int, path: Path) -> Rewrite | None:
         fields = parse_tensor_fields(buf, start, end)
         ident = None
+        marker = None
+        external = False
+        dims: list[int] = []
+        data_type = 0
         for f in fields:
             if f.number == F.TENSOR_EXTERNAL_DATA and f.wire_type == F.WT_LEN:
                 location = _entry_location(buf, f.value, f.end)
                 if location is not None and location.startswith(MARKER):
+                    marker = location
                     try:
                         ident = int(location[len(MARKER):])
                     except ValueError:
                         ident = None
-        if ident is None:
+            elif f.number == F.TENSOR_DATA_LOCATION and f.wire_type == F.WT_VARINT:
+                external = f.value == F.DATA_LOCATION_EXTERNAL  # the last one counts
+            elif f.number == F.TENSOR_DIMS and f.wire_type == F.WT_VARINT:
+                dims.append(f.value)
+            elif f.number == F.TENSOR_DIMS and f.wire_type == F.WT_LEN:
+                dims.extend(read_packed_varints(buf, f.value, f.end))
+            elif f.number == F.TENSOR_DATA_TYPE and f.wire_type == F.WT_VARINT:
+                data_type = f.value
+        if marker is None:
             return None
+        where = format_path(path)
+        if not external:
+            # neither a stub nor the input's own data (the skeleton refuses those):
+            # taking it for one would give it some other tensor's payload
+            raise ConversionError(
+                f"tensor carries the reserved location {marker!r} but not "
+                "data_location EXTERNAL", path=where,
+            )
+        if ident is None:
+            raise ConversionError(f"malformed stub location {marker!r}", path=where)
         payload = self.payloads.get(ident)
         if payload is None:
             raise ConversionError(
-                f"stub {ident} has no payload (the converter made it up)", path=format_path(path)
+                f"stub {ident} has no payload (the converter made it up)", path=where
+            )
+        if tuple(dims) != payload.dims or data_type != payload.data_type:
+            raise ConversionError(
+                f"tensor '{payload.name}' ({payload.path}) came back from conversion as "
+                f"{_describe(dims, data_type)}, but its payload holds "
+                f"{_describe(list(payload.dims), payload.data_type)}",
+                path=where,
             )
         if ident in self.seen and not self.allow_duplicates:
             raise ConversionError(

@@ -29,7 +29,14 @@ from google.protobuf.message import Message
 from .api import open_input
 from .errors import ExternalDataError, StreamconvError
 from .scan import map_file
-from .skeleton import MARKER, Payload, _external_payload, build_skeleton, stub_id
+from .skeleton import (
+    MARKER,
+    Payload,
+    _external_payload,
+    build_skeleton,
+    parse_decimal,
+    stub_id,
+)
 
 __all__ = [
     "TensorCheck",
@@ -255,13 +262,6 @@ def _undecodable(tensor: onnx.TensorProto) -> str | None:
     return None
 
 
-def _as_int(text: str | None) -> int | None:
-    if text is None:
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        return None
 
 
 def verify_model(
@@ -356,8 +356,8 @@ def _check_one(
 ) -> TensorCheck:
     keys = _keys(tensor)
     location = keys.get("location", "")
-    offset = payload.offset if payload is not None else _as_int(keys.get("offset", "0"))
-    length = payload.length if payload is not None else _as_int(keys.get("length"))
+    offset = payload.offset if payload is not None else parse_decimal(keys.get("offset", "0"))
+    length = payload.length if payload is not None else parse_decimal(keys.get("length"))
     expected = keys.get("checksum")
 
     def result(checksum: str, why: str | None) -> TensorCheck:

@@ -279,6 +279,56 @@ def test_checker_failure_refuses_output(tmp_path: Path) -> None:
     assert report.check == "skipped"
 
 
+def _failing_input(dilations: bool) -> onnx.ModelProto:
+    """Opset 19: a Relu with an attribute it does not have (the input fails the checker),
+    then an AveragePool, with *dilations* (which onnx's 19->18 adapter keeps, though
+    AveragePool-11 has none)."""
+    from onnx import helper
+
+    extra = {"dilations": [2, 2]} if dilations else {}
+    side = 6 if dilations else 7
+    nodes = [
+        helper.make_node("Relu", ["X"], ["A"], foo=1),
+        helper.make_node("AveragePool", ["A"], ["Y"], kernel_shape=[2, 2], **extra),
+    ]
+    graph = helper.make_graph(
+        nodes, "pool", [helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT, [1, 1, 8, 8])],
+        [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, [1, 1, side, side])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+
+
+def test_a_new_checker_error_behind_an_old_one_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The input fails at the Relu; the result fails there too, and at the AveragePool.
+
+    The checker stops at its first error, the same in both, so only comparing
+    node by node sees the second.
+    """
+    src = save(_failing_input(dilations=True), tmp_path / "in.onnx")
+    before = digest(Path(src))
+    code = cli_main([src, str(tmp_path / "o.onnx"), "--opset", "18", "-q"])
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"streamconv: error: {src}: the converted model fails onnx.checker "
+                          "at the node making 'Y', where the input does not fail so: "
+                          "Unrecognized attribute: dilations for operator AveragePool"), err
+    assert not (tmp_path / "o.onnx").exists() and leftovers(tmp_path) == []
+    assert digest(Path(src)) == before
+
+
+def test_an_old_checker_error_alone_is_passed_through_with_a_warning(tmp_path: Path) -> None:
+    src = save(_failing_input(dilations=False), tmp_path / "in.onnx")
+    report = convert(src, tmp_path / "o.onnx", opset=18)
+    assert report.warnings == [
+        "the input already fails onnx.checker the same way: "
+        "Unrecognized attribute: foo for operator Relu"
+    ]
+    out = onnx.load(str(tmp_path / "o.onnx"))
+    assert [n.op_type for n in out.graph.node] == ["Relu", "AveragePool"]
+
+
 def test_cli_summary_and_quiet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src = save(reduce_chain(), tmp_path / "in.onnx")
     assert cli_main([src, str(tmp_path / "o.onnx"), "--opset", "13"]) == 0
@@ -296,27 +346,32 @@ def test_cli_usage_error_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 
 def test_external_layout_with_value_read_tensor_copied_early(tmp_path: Path) -> None:
-    """A large integer input (kept inline for the converter) may already be in the
-    sidecar when analysis keeps it inline; the output stays correct."""
+    """A large value-read input (a Reshape shape of 8200 ones, 65600 bytes) is copied into
+    the sidecar before analysis keeps it inline; the output stays correct."""
     from onnx import helper
 
-    idx = numpy_helper.from_array((np.arange(100_000, dtype=np.int64) * 7) % 512, "idx")
+    shape = numpy_helper.from_array(np.ones(8200, dtype=np.int64), "shape")
     table = numpy_helper.from_array(rand((512, 64)), "table")
     graph = helper.make_graph(
-        [helper.make_node("Gather", ["table", "idx"], ["Y"])], "g", [],
-        [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, None)],
-        initializer=[table, idx],
+        [helper.make_node("Reshape", ["X", "shape"], ["R"]),
+         helper.make_node("Identity", ["table"], ["T"])], "g",
+        [helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("R", onnx.TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("T", onnx.TensorProto.FLOAT, None)],
+        initializer=[table, shape],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     src = save(model, tmp_path / "in.onnx")
     dst = tmp_path / "out.onnx"
     report = convert(src, dst, opset=18, layout="external")
-    assert report.tensors_diverted == 1  # the table; idx stays inline
+    assert report.tensors_diverted == 1  # the table; the shape stays inline
     out = onnx.load(str(dst), load_external_data=False)
     by_name = {t.name: t for t in out.graph.initializer}
-    assert by_name["idx"].HasField("raw_data")
+    assert by_name["shape"].raw_data == shape.raw_data
     assert by_name["table"].data_location == onnx.TensorProto.EXTERNAL
-    np.testing.assert_array_equal(run(dst, {})[0], run(src, {})[0])
+    loaded = {t.name: t for t in onnx.load(str(dst)).graph.initializer}
+    np.testing.assert_array_equal(numpy_helper.to_array(loaded["table"]),
+                                  numpy_helper.to_array(table))
 
 
 def test_checksums_match_sidecar_bytes(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -314,3 +315,118 @@ def test_split_nodes_keep_unique_names(tmp_path: Path) -> None:
     options = ort.SessionOptions()
     options.log_severity_level = 3
     ort.InferenceSession(str(dst), options, providers=["CPUExecutionProvider"])
+
+
+def _tagged(message: object, where: str) -> None:
+    """Append an unknown length-delimited field (number 999) naming *where* to *message*."""
+    from fixtures.wirewriter import encode_len_field
+
+    message.MergeFromString(encode_len_field(999, where.encode()))  # type: ignore[attr-defined]
+
+
+def _unknown_of(message: object) -> bytes:
+    probe = type(message)()  # type: ignore[operator]
+    probe.CopyFrom(message)
+    for d in probe.DESCRIPTOR.fields:
+        probe.ClearField(d.name)
+    return bytes(probe.SerializeToString())
+
+
+def _deep_unknown_model() -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Opset 13: Transpose -> If (a Constant in each branch) -> local function Twice.
+
+    Returns the model and, by a label, a function finding each tagged message
+    in a model of the same structure.
+    """
+    from onnx import helper
+
+    def branch(name: str, value: float) -> onnx.GraphProto:
+        const = helper.make_node("Constant", [], [f"{name}_c"],
+                                 value=helper.make_tensor("", 1, [1], [value]))
+        add = helper.make_node("Add", ["T", f"{name}_c"], [f"{name}_y"])
+        return helper.make_graph([const, add], name, [],
+                                 [helper.make_tensor_value_info(f"{name}_y", 1, [2, 3])])
+
+    nodes = [
+        helper.make_node("Transpose", ["X"], ["T"], perm=[1, 0], name="transpose"),
+        helper.make_node("If", ["flag"], ["I"], then_branch=branch("then", 1.0),
+                         else_branch=branch("else", 2.0)),
+        helper.make_node("Twice", ["I"], ["Y"], domain="local"),
+    ]
+    graph = helper.make_graph(
+        nodes, "deep",
+        [helper.make_tensor_value_info("X", 1, [3, 2]),
+         helper.make_tensor_value_info("flag", onnx.TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("Y", 1, [2, 3])],
+        value_info=[helper.make_tensor_value_info("T", 1, [2, 3])],
+    )
+    body = [helper.make_node("Transpose", ["a"], ["b"], perm=[0, 1]),
+            helper.make_node("Add", ["b", "b"], ["c"])]
+    fn = helper.make_function("local", "Twice", ["a"], ["c"], body,
+                              [helper.make_opsetid("", 13)])
+    model = helper.make_model(graph, functions=[fn], opset_imports=[
+        helper.make_opsetid("", 13), helper.make_opsetid("local", 1)])
+    helper.set_model_props(model, {"k": "v"})
+    step = helper.make_graph(
+        [helper.make_node("Transpose", ["T"], ["Z"], perm=[1, 0])], "step", [],
+        [helper.make_tensor_value_info("Z", 1, [3, 2])],
+    )
+    model.training_info.add().algorithm.CopyFrom(step)
+
+    def node(m: onnx.ModelProto, out: str) -> onnx.NodeProto:
+        return next(n for n in m.graph.node if n.output[0] == out)
+
+    def attr(n: onnx.NodeProto, name: str) -> onnx.AttributeProto:
+        return next(a for a in n.attribute if a.name == name)
+
+    def then(m: onnx.ModelProto) -> onnx.GraphProto:
+        return attr(node(m, "I"), "then_branch").g
+
+    def default(m: onnx.ModelProto) -> onnx.OperatorSetIdProto:
+        return next(o for o in m.opset_import if o.domain == "")
+
+    places: dict[str, Any] = {
+        "opset_import": default,
+        "metadata_props": lambda m: m.metadata_props[0],
+        "graph.input": lambda m: m.graph.input[0],
+        "graph.input.type": lambda m: m.graph.input[0].type,
+        "graph.input.tensor_type": lambda m: m.graph.input[0].type.tensor_type,
+        "graph.input.shape": lambda m: m.graph.input[0].type.tensor_type.shape,
+        "graph.input.dim": lambda m: m.graph.input[0].type.tensor_type.shape.dim[1],
+        "graph.output": lambda m: m.graph.output[0],
+        "graph.value_info": lambda m: next(v for v in m.graph.value_info if v.name == "T"),
+        "node.attribute": lambda m: attr(node(m, "T"), "perm"),
+        "if.attribute": lambda m: attr(node(m, "I"), "then_branch"),
+        "then.node.attribute": lambda m: then(m).node[0].attribute[0],
+        "then.node.attribute.t": lambda m: then(m).node[0].attribute[0].t,
+        "then.output": lambda m: then(m).output[0],
+        "function": lambda m: m.functions[0],
+        "function.node": lambda m: m.functions[0].node[0],
+        "function.node.attribute": lambda m: m.functions[0].node[0].attribute[0],
+        "function.opset_import": lambda m: m.functions[0].opset_import[0],
+        "training_info": lambda m: m.training_info[0],
+        "training.node": lambda m: m.training_info[0].algorithm.node[0],
+        "training.node.attribute": lambda m: m.training_info[0].algorithm.node[0].attribute[0],
+        "training.output": lambda m: m.training_info[0].algorithm.output[0],
+    }
+    for label, find in places.items():
+        _tagged(find(model), label)
+    return model, places
+
+
+@pytest.mark.parametrize("target", [13, 18])
+def test_unknown_fields_survive_at_every_level(tmp_path: Path, target: int) -> None:
+    """Attributes, value_info and the messages inside them, opset imports, metadata,
+    function bodies, branches: each keeps the unknown field it carried."""
+    model, places = _deep_unknown_model()
+    src = tmp_path / "in.onnx"
+    src.write_bytes(model.SerializeToString())
+    dst = tmp_path / "out.onnx"
+    convert(src, dst, opset=target, size_threshold=0)
+    out = onnx.load(str(dst))
+    assert {o.domain: o.version for o in out.opset_import}[""] == target
+    lost = {label for label, find in places.items()
+            if _unknown_of(find(out)) != _unknown_of(find(model))}
+    assert lost == set()
+    feeds = {"X": np.arange(6, dtype=np.float32).reshape(3, 2), "flag": np.array(True)}
+    same_outputs(src, dst, feeds)

@@ -879,7 +879,8 @@ def test_deep_if_nesting_converts_quickly(tmp_path: Path) -> None:
         # no traceback: thousands of frames deep in the walk, it is noise (and pytest
         # has been seen to fail formatting it)
         pytest.fail("no answer after 5 s", pytrace=False)
-    assert code in (0, 1, 2) and "Traceback" not in stderr
+    assert code == 0 and stderr == "", stderr
+    onnx.checker.check_model(onnx.load(str(tmp_path / "out" / "out.onnx")))
 
 
 def test_reserved_stub_location_is_refused(tmp_path: Path) -> None:
@@ -919,6 +920,5 @@ def test_non_utf8_name_of_a_diverted_tensor_is_refused(tmp_path: Path) -> None:
     identity = w.field_bytes(1, b"W\xff") + w.field_str(2, "Y") + w.field_str(4, "Identity")
     body = w.graph("g", [identity], outputs=[w.value_info("Y")], initializers=[tensor])
     code, stderr, dst = _convert_one(tmp_path, w.model(body), "--layout", "external")
-    if code == 0:
-        onnx.load(str(dst / "out.onnx"))  # what fails today
     assert code == 2 and "UTF-8" in stderr, stderr
+    assert list(dst.iterdir()) == []
