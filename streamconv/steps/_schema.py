@@ -148,7 +148,35 @@ def fit_older_schema(node: onnx.NodeProto, older: int, ctx: StepContext
             older, ctx, problems)
     _values("output", list(node.output), list(old.outputs), list(new.outputs), allowed,
             new_allowed, older, ctx, problems)
+    _bindings(node, old, new, older, ctx, problems)
     return out, problems
+
+
+def _bindings(node: onnx.NodeProto, old: defs.OpSchema, new: defs.OpSchema, older: int,
+              ctx: StepContext, problems: list[str]) -> None:
+    """Values one type parameter of the older schema binds must have one type.
+
+    The newer schema may have split a parameter (BatchNormalization 15: scale and
+    mean may differ from X); then the values must be seen to agree.
+    """
+    constrained = set(_allowed(old))
+    groups: dict[str, list[tuple[str, str]]] = {}
+    for kind, names, params, new_params in (
+            ("input", node.input, old.inputs, new.inputs),
+            ("output", node.output, old.outputs, new.outputs)):
+        for i, name in enumerate(names):
+            formal, new_formal = _formal(list(params), i), _formal(list(new_params), i)
+            if not name or formal is None or formal.type_str not in constrained:
+                continue
+            groups.setdefault(formal.type_str, []).append(
+                (name, new_formal.type_str if new_formal is not None else ""))
+    for param, members in groups.items():
+        if len({new_param for _, new_param in members}) < 2:
+            continue  # bound together in the newer schema too
+        types = {name: type_string(ctx.type_of(name)) for name, _ in members}
+        if None in types.values() or len(set(types.values())) > 1:
+            shown = ", ".join(f"{n!r} {t or 'of unknown type'}" for n, t in types.items())
+            problems.append(f"opset {older} needs one type for {shown}")
 
 
 def fit_or_refuse(node: onnx.NodeProto, ctx: StepContext) -> onnx.NodeProto:

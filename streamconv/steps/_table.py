@@ -240,7 +240,7 @@ _ROWS: tuple[tuple[str, int, Kind, str], ...] = (
     ('GridSample', 20, ADAPTER, 'modes bilinear/bicubic renamed linear/cubic; N-D inputs allowed'),
     ('GridSample', 22, ONNX, "onnx's adapter"),
     ('GroupNormalization', 18, EXPAND, 'introduced at opset 18; onnx defines it as a function'),
-    ('GroupNormalization', 21, COMPATIBLE, 'attribute added: stash_type'),
+    ('GroupNormalization', 21, EXPAND, 'scale and bias became per channel (per group at 18), attribute stash_type added; onnx defines it as a function'),
     ('HammingWindow', 17, EXPAND, 'introduced at opset 17; onnx defines it as a function'),
     ('HannWindow', 17, EXPAND, 'introduced at opset 17; onnx defines it as a function'),
     ('HardSigmoid', 6, COMPATIBLE, 'legacy attribute consumed_inputs removed'),
