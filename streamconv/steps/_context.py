@@ -52,6 +52,8 @@ class StepContext:
     where: str = ""
     #: a counter shared by every context of one conversion, for fresh names
     serial: list[int] = field(default_factory=lambda: [0])
+    #: the (op, version) rows streamconv crossed itself in this conversion
+    steps_used: set[tuple[str, int]] = field(default_factory=set)
 
     # -- what is known -------------------------------------------------------------
     def type_of(self, name: str) -> onnx.TypeProto | None:

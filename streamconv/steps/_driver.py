@@ -109,10 +109,12 @@ class _Scope:
     #: at a newer opset still holds where inference on a rewrite cannot tell
     #: (e.g. Shape's start/end became a Slice whose length depends on values)
     known: dict[str, onnx.TypeProto] = field(default_factory=dict)
+    used: set[tuple[str, int]] = field(default_factory=set)
 
     def after(self, model: onnx.ModelProto) -> _Scope:
         """A scope for *model*, the next state of this one's model."""
-        return _Scope(model, serial=self.serial, origins=self.origins, known=self.known)
+        return _Scope(model, serial=self.serial, origins=self.origins, known=self.known,
+                      used=self.used)
 
     def refresh(self, opset: int) -> None:
         """Infer types for the model as it stands (at *opset*), once per opset."""
@@ -180,7 +182,8 @@ class _Scope:
 
     def context(self, opset: int, where: str) -> StepContext:
         return StepContext(opset=opset, types=self.types, constants=self.constants,
-                           names=self.names, where=where, serial=self.serial)
+                           names=self.names, where=where, serial=self.serial,
+                           steps_used=self.used)
 
 
 def _has_rank(t: onnx.TypeProto) -> bool:
@@ -236,6 +239,7 @@ def _cross(node: onnx.NodeProto, version: int, ctx: StepContext, name: str, path
         return [(node, False)]
     if step.kind is Kind.ONNX:
         return [(node, False)]
+    ctx.steps_used.add((node.op_type, version))
     try:
         if step.kind is Kind.COMPATIBLE:
             fitted, problems = fit_older_schema(node, version - 1, ctx)
@@ -462,9 +466,12 @@ def _onnx_affected_graph(graph: onnx.GraphProto, source: int, target: int) -> bo
     return any(_affected(n, v) for n in graph.node for v in range(target + 1, source + 1))
 
 
-def convert_down(model: onnx.ModelProto, target: int, what: str = "the main graph"
-                 ) -> onnx.ModelProto:
+def convert_down(model: onnx.ModelProto, target: int, what: str = "the main graph",
+                 steps_used: set[tuple[str, int]] | None = None) -> onnx.ModelProto:
     """*model* converted down to ai.onnx *target*, one opset step at a time.
+
+    *steps_used*, when given, collects the (op, version) rows streamconv crossed
+    itself (every kind but onnx's).
 
     Raises StepError with the first obstacle when a node cannot cross a step,
     and OnnxStepError with onnx's reason when onnx's converter fails on a
@@ -473,13 +480,13 @@ def convert_down(model: onnx.ModelProto, target: int, what: str = "the main grap
     source = _default_opset(model)
     work = onnx.ModelProto()
     work.CopyFrom(model)
-    scope = _Scope(work)
+    scope = _Scope(work, used=steps_used if steps_used is not None else set())
     version = source
     pending: int | None = None  # opset the model really is at while onnx steps wait
     while version > target:
         if _needs_streamconv(scope.model, version):
             if pending is not None:
-                scope = scope.after(_flush(scope.model, pending, version))
+                scope = scope.after(_flush(scope.model, pending, version, scope.used))
                 pending = None
                 continue  # look at this step again on what onnx produced
             held = _apply_step(scope, version)
@@ -499,7 +506,7 @@ def convert_down(model: onnx.ModelProto, target: int, what: str = "the main grap
             scope.typed_at = -1
         version -= 1
     if pending is not None:
-        scope = scope.after(_flush(scope.model, pending, target))
+        scope = scope.after(_flush(scope.model, pending, target, scope.used))
     _set_opset(scope.model, target)
     _drop_orphans(scope.model, _used_names(model))
     return scope.model
@@ -533,7 +540,8 @@ def _onnx_affected_unheld(model: onnx.ModelProto, version: int,
                for g, _ in _graphs(model.graph, "graph") for n in g.node)
 
 
-def _flush(model: onnx.ModelProto, source: int, target: int) -> onnx.ModelProto:
+def _flush(model: onnx.ModelProto, source: int, target: int,
+           used: set[tuple[str, int]]) -> onnx.ModelProto:
     """onnx's converter from *source* down to *target* for steps only onnx works in.
 
     One call when it goes through; otherwise step by step, so that nodes onnx's
@@ -549,7 +557,7 @@ def _flush(model: onnx.ModelProto, source: int, target: int) -> onnx.ModelProto:
         step_model.CopyFrom(work)
         _set_opset(step_model, version)
         if _needs_streamconv(step_model, version):
-            work = convert_down(step_model, version - 1)
+            work = convert_down(step_model, version - 1, steps_used=used)
             continue
         try:
             work = _run_onnx(step_model, version - 1)

@@ -161,7 +161,7 @@ def _bindings(node: onnx.NodeProto, old: defs.OpSchema, new: defs.OpSchema, olde
     """
     constrained = set(_allowed(old))
     groups: dict[str, list[tuple[str, str]]] = {}
-    for kind, names, params, new_params in (
+    for _kind, names, params, new_params in (
             ("input", node.input, old.inputs, new.inputs),
             ("output", node.output, old.outputs, new.outputs)):
         for i, name in enumerate(names):
@@ -170,7 +170,7 @@ def _bindings(node: onnx.NodeProto, old: defs.OpSchema, new: defs.OpSchema, olde
                 continue
             groups.setdefault(formal.type_str, []).append(
                 (name, new_formal.type_str if new_formal is not None else ""))
-    for param, members in groups.items():
+    for members in groups.values():
         if len({new_param for _, new_param in members}) < 2:
             continue  # bound together in the newer schema too
         types = {name: type_string(ctx.type_of(name)) for name, _ in members}
