@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from types import ModuleType
 from typing import Any
@@ -131,6 +132,20 @@ def open_input(src: str) -> tuple[int, int]:
         os.close(fd)
         raise WireFormatError("empty file, not an ONNX model", file=src)
     return fd, size
+
+
+@contextlib.contextmanager
+def mapped_input(src: str) -> Iterator[tuple[Any, int]]:
+    """The model at *src* opened read-only and mapped: ``(buffer, size)``; closed after."""
+    fd, size = open_input(src)
+    buf: Any = None
+    try:
+        buf = map_file(fd, size)
+        yield buf, size
+    finally:
+        if buf is not None and hasattr(buf, "close"):
+            buf.close()
+        os.close(fd)
 
 
 class _Checker:
@@ -679,10 +694,7 @@ def reachable(src: str | os.PathLike[str], *, strict_onnx: bool = False,
     """
     src = os.fspath(src)
     _validate_options("auto", size_threshold, DEFAULT_ALIGN, None)
-    fd, size = open_input(src)
-    buf: Any = None
-    try:
-        buf = map_file(fd, size)
+    with mapped_input(src) as (buf, size):
         try:
             data, payloads = scan_payloads(buf, size, src, size_threshold)
             converter = _load_onnx()
@@ -691,10 +703,6 @@ def reachable(src: str | os.PathLike[str], *, strict_onnx: bool = False,
             low, below, high, above = converter.reach(skeleton.model, strict_onnx=strict_onnx)
         except StreamconvError as e:
             raise e.with_file(src) from e.__cause__
-    finally:
-        if buf is not None and hasattr(buf, "close"):
-            buf.close()
-        os.close(fd)
     return Reach(src, opset, low, high, below, above)
 
 
@@ -708,10 +716,7 @@ def roundtrip(
     src, dst = os.fspath(src), os.fspath(dst)
     _validate_options("inline", size_threshold, DEFAULT_ALIGN, None)
     _load_onnx()
-    fd, size = open_input(src)
-    buf: Any = None
-    try:
-        buf = map_file(fd, size)
+    with mapped_input(src) as (buf, size):
         try:
             skeleton: Skeleton = build_skeleton(
                 buf, size, src, size_threshold, for_conversion=False
@@ -724,7 +729,3 @@ def roundtrip(
             return job.write(plan, os.path.basename(dst))
         finally:
             job.close()
-    finally:
-        if buf is not None and hasattr(buf, "close"):
-            buf.close()
-        os.close(fd)

@@ -315,3 +315,19 @@ def test_reachable_names_both_bounds(tmp_path: Path) -> None:
     assert reachable(src, strict_onnx=True).lowest == 17
     report = convert(src, tmp_path / "r.onnx", opset=16, reach=True)
     assert report.reachable == [reach.lowest, reach.highest]
+
+
+def test_constants_a_rewrite_stops_using_are_dropped_and_dead_ones_kept() -> None:
+    """Squeeze 13 -> 12 turns the axes Constant into an attribute: the Constant goes
+    (else it would be carried to 8, where an int64 Constant needs a Cast); a Constant
+    the input itself left unused stays."""
+    axes = helper.make_node("Constant", [], ["axes"],
+                            value=numpy_helper.from_array(np.array([0], dtype=np.int64)))
+    dead = helper.make_node("Constant", [], ["unused"],
+                            value=numpy_helper.from_array(np.array([7], dtype=np.int64)))
+    model = model_of([axes, dead, helper.make_node("Squeeze", ["x", "axes"], ["y"])],
+                     [vi("x", shape=[1, 3])], [vi("y", shape=[3])], 13)
+    converted = convert_down(model, 8)
+    outputs = [o for n in converted.graph.node for o in n.output]
+    assert "axes" not in outputs and "unused" in outputs
+    same_numbers(model, converted, 8)

@@ -478,6 +478,7 @@ def convert_down(model: onnx.ModelProto, target: int, what: str = "the main grap
     step left to it.
     """
     source = _default_opset(model)
+    dead = _dead_constants(model)
     work = onnx.ModelProto()
     work.CopyFrom(model)
     scope = _Scope(work, used=steps_used if steps_used is not None else set())
@@ -499,6 +500,8 @@ def convert_down(model: onnx.ModelProto, target: int, what: str = "the main grap
             else:
                 _set_opset(scope.model, version - 1)
                 scope.typed_at = -1
+            # a constant a rewrite made unused must not be carried (and refused) further
+            _drop_orphans(scope.model, dead)
         elif _onnx_affected(scope.model, version):
             pending = version if pending is None else pending
         elif pending is None:
@@ -508,7 +511,7 @@ def convert_down(model: onnx.ModelProto, target: int, what: str = "the main grap
     if pending is not None:
         scope = scope.after(_flush(scope.model, pending, target, scope.used))
     _set_opset(scope.model, target)
-    _drop_orphans(scope.model, _used_names(model))
+    _drop_orphans(scope.model, dead)
     return scope.model
 
 
@@ -521,17 +524,40 @@ def _used_names(model: onnx.ModelProto) -> set[str]:
     return used
 
 
-def _drop_orphans(model: onnx.ModelProto, used_before: set[str]) -> None:
-    """Remove initializers an adapter stopped using (e.g. Pad's old pads), and only those."""
+def _dead_constants(model: onnx.ModelProto) -> set[str]:
+    """Initializers and Constant outputs nothing uses (the model's own dead values)."""
+    used = _used_names(model)
+    dead: set[str] = set()
+    for graph, _ in _graphs(model.graph, "graph"):
+        dead.update(t.name for t in graph.initializer if t.name not in used)
+        dead.update(n.output[0] for n in graph.node
+                    if n.op_type == "Constant" and n.domain in DEFAULT_DOMAINS
+                    and n.output and n.output[0] not in used)
+    return dead
+
+
+def _drop_orphans(model: onnx.ModelProto, dead_before: set[str]) -> None:
+    """Remove constants a rewrite stopped using (Pad's old pads, a Squeeze's axes
+    Constant once they are an attribute), and only those: values the input itself
+    left unused stay, and so do graph inputs (they are the interface)."""
     used = _used_names(model)
     for graph, _ in _graphs(model.graph, "graph"):
-        declared = {v.name for v in graph.input}  # inputs stay: they are the interface
-        orphans = {t.name for t in graph.initializer
-                   if t.name in used_before and t.name not in used and t.name not in declared}
-        if orphans:
-            kept = [t for t in graph.initializer if t.name not in orphans]
+        keep = used | dead_before | {v.name for v in graph.input}
+
+        def orphan(name: str, keep: set[str] = keep) -> bool:
+            return name not in keep
+
+        if any(orphan(t.name) for t in graph.initializer):
+            kept = [t for t in graph.initializer if not orphan(t.name)]
             del graph.initializer[:]
             graph.initializer.extend(kept)
+        if any(n.op_type == "Constant" and n.output and orphan(n.output[0])
+               for n in graph.node):
+            nodes = [n for n in graph.node
+                     if not (n.op_type == "Constant" and n.domain in DEFAULT_DOMAINS
+                             and n.output and orphan(n.output[0]))]
+            del graph.node[:]
+            graph.node.extend(nodes)
 
 
 def _onnx_affected_unheld(model: onnx.ModelProto, version: int,
