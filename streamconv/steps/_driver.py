@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import onnx
-from onnx import defs, helper, shape_inference, version_converter
+from onnx import helper, shape_inference, version_converter
 
 from . import adapters as _adapters  # noqa: F401  (registers the adapters)
 from ._context import ADAPTERS, Refusal, StepContext
@@ -664,7 +664,3 @@ def lowest_opset(model: onnx.ModelProto) -> tuple[int, Obstacle | None]:
     except StepError as e:
         return e.obstacle.step, e.obstacle
     return 1, None
-
-
-def known_opset_max() -> int:
-    return int(defs.onnx_opset_version())
