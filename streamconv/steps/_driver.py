@@ -67,9 +67,16 @@ class OnnxStepError(Exception):
     """onnx's converter failed on a step streamconv left to it."""
 
 
+#: the ai.onnx ops with graph attributes (nodes of other domains may have them too)
+_CONTROL_FLOW = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+
+
 def _graphs(graph: onnx.GraphProto, path: str) -> Iterator[tuple[onnx.GraphProto, str]]:
     yield graph, path
     for i, node in enumerate(graph.node):
+        # reading every node's attributes is most of a walk's cost on large graphs
+        if node.op_type not in _CONTROL_FLOW and node.domain in DEFAULT_DOMAINS:
+            continue
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
                 yield from _graphs(attr.g, f"{path}.node[{i}].{attr.name}")
@@ -211,19 +218,34 @@ def _describe(node: onnx.NodeProto, path: str, index: int) -> tuple[str, str]:
     return node.name or (node.output[0] if node.output else node.op_type), f"{path}.node[{index}]"
 
 
-def _needs_streamconv(model: onnx.ModelProto, version: int) -> bool:
+def _op_types(model: onnx.ModelProto) -> frozenset[str]:
+    """The ai.onnx op types in *model*, subgraphs included (one walk)."""
+    return frozenset(n.op_type for g, _ in _graphs(model.graph, "graph") for n in g.node
+                     if n.domain in DEFAULT_DOMAINS)
+
+
+def _changed_at(ops: frozenset[str], version: int) -> list[str]:
+    out = []
+    for op in ops:
+        schema = schema_at(op, version)
+        if schema is not None and schema.since_version == version:
+            out.append(op)
+    return out
+
+
+def _needs_streamconv(model: onnx.ModelProto, version: int,
+                      ops: frozenset[str] | None = None) -> bool:
     """Whether any node affected at *version* is one onnx does not handle."""
-    for graph, _ in _graphs(model.graph, "graph"):
-        for node in graph.node:
-            if _affected(node, version):
-                step = find_step(node.op_type, version)
-                if step is None or step.kind is not Kind.ONNX:
-                    return True
+    for op in _changed_at(_op_types(model) if ops is None else ops, version):
+        step = find_step(op, version)
+        if step is None or step.kind is not Kind.ONNX:
+            return True
     return False
 
 
-def _onnx_affected(model: onnx.ModelProto, version: int) -> bool:
-    return any(_affected(n, version) for g, _ in _graphs(model.graph, "graph") for n in g.node)
+def _onnx_affected(model: onnx.ModelProto, version: int,
+                   ops: frozenset[str] | None = None) -> bool:
+    return bool(_changed_at(_op_types(model) if ops is None else ops, version))
 
 
 def _cross(node: onnx.NodeProto, version: int, ctx: StepContext, name: str, path: str,
@@ -315,6 +337,7 @@ def _apply_step(scope: _Scope, version: int) -> set[_Key]:
         if not any(_affected(n, version) for n in graph.node):
             continue
         new_nodes: list[onnx.NodeProto] = []
+        rewritten = False
         for i, node in enumerate(graph.node):
             if not _affected(node, version):
                 new_nodes.append(node)
@@ -332,6 +355,7 @@ def _apply_step(scope: _Scope, version: int) -> set[_Key]:
                 raise
             for new, is_held in crossed:
                 if new is not node:
+                    rewritten = True
                     if set(new.output) & set(node.output):
                         _inherit(new, node)
                     if new.name and new.name not in scope.origins:
@@ -339,6 +363,8 @@ def _apply_step(scope: _Scope, version: int) -> set[_Key]:
                 new_nodes.append(new)
                 if is_held:
                     held.add(_key(new))
+        if not rewritten:
+            continue  # every node fits as it is: the graph stays as it is
         copies = []
         for n in new_nodes:
             c = onnx.NodeProto()
@@ -484,8 +510,12 @@ def convert_down(model: onnx.ModelProto, target: int, what: str = "the main grap
     scope = _Scope(work, used=steps_used if steps_used is not None else set())
     version = source
     pending: int | None = None  # opset the model really is at while onnx steps wait
+    ops: frozenset[str] | None = None  # the model's op types, while the model stands
     while version > target:
-        if _needs_streamconv(scope.model, version):
+        if ops is None:
+            ops = _op_types(scope.model)
+        if _needs_streamconv(scope.model, version, ops):
+            ops = None  # what follows rewrites the model
             if pending is not None:
                 scope = scope.after(_flush(scope.model, pending, version, scope.used))
                 pending = None
@@ -502,7 +532,7 @@ def convert_down(model: onnx.ModelProto, target: int, what: str = "the main grap
                 scope.typed_at = -1
             # a constant a rewrite made unused must not be carried (and refused) further
             _drop_orphans(scope.model, dead)
-        elif _onnx_affected(scope.model, version):
+        elif _onnx_affected(scope.model, version, ops):
             pending = version if pending is None else pending
         elif pending is None:
             _set_opset(scope.model, version - 1)

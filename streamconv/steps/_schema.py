@@ -59,8 +59,17 @@ def _elem_name(elem_type: int) -> str:
     return {"float": "float", "string": "string"}.get(name, name)
 
 
+_ALLOWED: dict[tuple[str, int], dict[str, frozenset[str]]] = {}
+
+
 def _allowed(schema: defs.OpSchema) -> dict[str, frozenset[str]]:
-    return {c.type_param_str: frozenset(c.allowed_type_strs) for c in schema.type_constraints}
+    key = (schema.name, schema.since_version)
+    found = _ALLOWED.get(key)
+    if found is None:
+        found = {c.type_param_str: frozenset(c.allowed_type_strs)
+                 for c in schema.type_constraints}
+        _ALLOWED[key] = found
+    return found
 
 
 def _formal(params: list[defs.OpSchema.FormalParameter], index: int
@@ -129,8 +138,7 @@ def fit_older_schema(node: onnx.NodeProto, older: int, ctx: StepContext
     problems: list[str] = []
     if old is None or new is None:
         return node, [f"{node.op_type} does not exist at opset {older}"]
-    out = onnx.NodeProto()
-    out.CopyFrom(node)
+    out = node  # the same node when it fits as it is: nothing to copy
     kept = []
     for attr in node.attribute:
         if attr.name in old.attributes:
@@ -141,6 +149,8 @@ def fit_older_schema(node: onnx.NodeProto, older: int, ctx: StepContext
             problems.append(f"attribute {attr.name}={shown!r} has no equivalent below opset "
                             f"{older + 1}")
     if len(kept) != len(node.attribute):
+        out = onnx.NodeProto()
+        out.CopyFrom(node)
         del out.attribute[:]
         out.attribute.extend(kept)
     allowed, new_allowed = _allowed(old), _allowed(new)
@@ -152,6 +162,22 @@ def fit_older_schema(node: onnx.NodeProto, older: int, ctx: StepContext
     return out, problems
 
 
+@cache
+def _splits_at(op: str, old_version: int, new_version: int) -> bool:
+    old, new = schema_at(op, old_version), schema_at(op, new_version)
+    assert old is not None and new is not None
+    seen: dict[str, set[str]] = {}
+    for params, new_params in ((old.inputs, new.inputs), (old.outputs, new.outputs)):
+        for formal, new_formal in zip(params, new_params, strict=False):
+            seen.setdefault(formal.type_str, set()).add(new_formal.type_str)
+    return any(len(v) > 1 for v in seen.values())
+
+
+def _splits(old: defs.OpSchema, new: defs.OpSchema) -> bool:
+    """Whether a type parameter of *old* binds values that *new* types separately."""
+    return _splits_at(old.name, old.since_version, new.since_version)
+
+
 def _bindings(node: onnx.NodeProto, old: defs.OpSchema, new: defs.OpSchema, older: int,
               ctx: StepContext, problems: list[str]) -> None:
     """Values one type parameter of the older schema binds must have one type.
@@ -159,6 +185,8 @@ def _bindings(node: onnx.NodeProto, old: defs.OpSchema, new: defs.OpSchema, olde
     The newer schema may have split a parameter (BatchNormalization 15: scale and
     mean may differ from X); then the values must be seen to agree.
     """
+    if not _splits(old, new):
+        return
     constrained = set(_allowed(old))
     groups: dict[str, list[tuple[str, str]]] = {}
     for _kind, names, params, new_params in (
