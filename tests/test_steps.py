@@ -331,3 +331,32 @@ def test_constants_a_rewrite_stops_using_are_dropped_and_dead_ones_kept() -> Non
     outputs = [o for n in converted.graph.node for o in n.output]
     assert "axes" not in outputs and "unused" in outputs
     same_numbers(model, converted, 8)
+
+
+@pytest.mark.parametrize(("axes", "noop"), [([1], 0), ([-1, 0], 0), ([], 0), ([], 1), (None, 0),
+                                            (None, 1)])
+def test_reduce_axes_input_back_to_attribute(axes: list[int] | None, noop: int) -> None:
+    inputs = ["x"] if axes is None else ["x", "axes"]
+    inits = [] if axes is None else [numpy_helper.from_array(np.array(axes, dtype=np.int64),
+                                                             "axes")]
+    shape = [2, 3, 4]
+    if axes:
+        shape = [1 if d in {a % 3 for a in axes} else n for d, n in enumerate(shape)]
+    elif not noop:
+        shape = [1, 1, 1]
+    model = model_of([helper.make_node("ReduceMean", inputs, ["y"], keepdims=1,
+                                       noop_with_empty_axes=noop)],
+                     [vi("x", shape=[2, 3, 4])], [vi("y", shape=shape)], 18, inits)
+    for target in (17, 13, 11):
+        converted = convert_down(model, target)
+        assert not converted.graph.initializer or target >= 18
+        same_numbers(model, converted, target)
+
+
+def test_axes_computed_at_run_time_are_refused() -> None:
+    model = model_of([helper.make_node("Squeeze", ["x", "axes"], ["y"], name="sq")],
+                     [vi("x", shape=[1, 3]), vi("axes", TensorProto.INT64, [1])],
+                     [vi("y", shape=[3])], 13)
+    with pytest.raises(StepError, match=r"node 'sq' \(Squeeze, graph.node\[0\]\) has no "
+                       r"equivalent below opset 13: axes 'axes' is computed at run time"):
+        convert_down(model, 12)

@@ -35,7 +35,9 @@ def _to_attribute(node: onnx.NodeProto, ctx: StepContext, index: int, name: str,
         if value is None:
             raise Refusal(f"{name} {given!r} is computed at run time; below opset "
                           f"{ctx.opset + 1} it must be a constant attribute")
-        out.attribute.append(helper.make_attribute(name, [int(v) for v in value.reshape(-1)]))
+        if value.size:  # an empty list means "not given" for each of these ops
+            out.attribute.append(helper.make_attribute(name,
+                                                       [int(v) for v in value.reshape(-1)]))
     # inputs after the moved one never exist for these ops
     return fit_or_refuse(out, ctx)
 
@@ -63,12 +65,8 @@ def _reduce(node: onnx.NodeProto, ctx: StepContext) -> list[onnx.NodeProto]:
     if empty and int(attribute(node, "noop_with_empty_axes", 0)) == 1:
         return [helper.make_node("Identity", [node.input[0]], list(node.output[:1]),
                                  name=node.name)]
-    out = _to_attribute(node, ctx, 1, "axes", drop=("noop_with_empty_axes",))
-    if empty:  # an empty axes constant: no axes attribute reduces over every axis
-        kept = [a for a in out.attribute if a.name != "axes"]
-        del out.attribute[:]
-        out.attribute.extend(kept)
-    return [out]
+    # no axes attribute (absent or empty axes) reduces over every axis, as before
+    return [_to_attribute(node, ctx, 1, "axes", drop=("noop_with_empty_axes",))]
 
 
 adapter("ReduceSum", 13)(_reduce)
