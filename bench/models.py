@@ -1,4 +1,4 @@
-"""Models the benchmark converts: weight-heavy and graph-heavy, both inline, opset 11.
+"""Models the benchmark converts: tiny, weight-heavy and graph-heavy, all inline, opset 11.
 
 Weight-heavy models come from :func:`fixtures.bigmodel.write_big_model`: a few
 float32 weights (one stored as packed ``float_data``) and a handful of nodes.
@@ -46,6 +46,7 @@ __all__ = [
     "SOURCE_OPSET",
     "ModelFile",
     "write_graph_heavy_model",
+    "write_tiny_model",
     "write_weight_heavy_model",
 ]
 
@@ -78,6 +79,23 @@ def write_weight_heavy_model(path: Path, size_gb: float) -> ModelFile:
     info = write_big_model(path, n_tensors=_N_WEIGHTS, tensor_mib=tensor_mib, opset=SOURCE_OPSET)
     # Weight adds, ReduceSum, Unsqueeze, Squeeze, Constant, Mul.
     return ModelFile(Path(path), info.file_size, _N_WEIGHTS + 5)
+
+
+def write_tiny_model(path: Path) -> ModelFile:
+    """Write an opset-11 model of one Relu node: what it costs to convert is start-up."""
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["X"], ["Y"], name="relu")],
+        "tiny",
+        inputs=[helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, _WIDTH])],
+        outputs=[helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, _WIDTH])],
+    )
+    model = helper.make_model(
+        graph, producer_name="streamconv-bench",
+        opset_imports=[helper.make_opsetid("", SOURCE_OPSET)],
+    )
+    model.ir_version = F.IR_VERSION_FOR_OPSET[SOURCE_OPSET]
+    onnx.save(model, str(path))
+    return ModelFile(Path(path), Path(path).stat().st_size, 1)
 
 
 def _small_graph(n_nodes: int, n_weights: int, weight_elems: int) -> onnx.GraphProto:

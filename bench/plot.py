@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .report import GB, RESULTS, Summary, read_results
+from .report import GB, RESULTS, Summary, format_versions, read_results
 from .tools import PROTOBUF_LIMIT, TOOLS
 
 __all__ = ["main", "plot"]
@@ -34,8 +34,12 @@ def _series(rows: Sequence[Summary], tool: str, x: str, y: str) -> tuple[list[fl
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def plot(sizes: Sequence[Summary], nodes: Sequence[Summary], out: Path) -> None:
-    """Draw wall time and peak RSS against model size (and node count) into *out*."""
+def plot(sizes: Sequence[Summary], nodes: Sequence[Summary], out: Path,
+         versions: str = "") -> None:
+    """Draw wall time and peak RSS against model size (and node count) into *out*.
+
+    *versions* (see bench.versions) is printed under the title.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,7 +85,8 @@ def plot(sizes: Sequence[Summary], nodes: Sequence[Summary], out: Path) -> None:
         ax[2].set_title("graph-heavy models: time")
         ax[3].set_title("graph-heavy models: peak memory")
     ax[0].legend(fontsize=8, loc="lower right")
-    fig.suptitle("ONNX opset 11 -> 18 conversion of inline models (median of runs)")
+    title = "ONNX opset 11 -> 18 conversion of inline models (median of runs)"
+    fig.suptitle(f"{title}\n{versions}" if versions else title, fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
@@ -100,7 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = read_results(args.results)
     if results is None:
         return 1
-    plot(*results, args.results / "bench.png")
+    sizes, nodes, tiny = results
+    plot(sizes, nodes, args.results / "bench.png", format_versions([*tiny, *sizes, *nodes]))
     return 0
 
 

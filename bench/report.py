@@ -23,6 +23,7 @@ __all__ = [
     "check_goals",
     "format_pivot",
     "format_table",
+    "format_versions",
     "read_results",
     "read_summaries",
     "summarize",
@@ -52,15 +53,17 @@ class Run:
     input_cached: float | None
     load_1min: float  # the machine's load average when the run began
     commit: str  # the streamconv source measured (git describe)
+    versions: str = ""  # python, onnx, numpy, ml_dtypes, protobuf, onnxruntime
 
 
 @dataclass(frozen=True)
 class Summary:
     """Every run of one tool on one model, reduced to medians (a row of the result CSVs).
 
-    ``x_cp`` and ``x_copy_file_range`` are medians of per-repetition ratios to
-    the reference timed in the same repetition, so slow drift of the machine
-    cancels.  ``peak_rss_mb`` is the largest peak over the runs.  ``note``
+    ``x_cp``, ``x_copy_file_range``, ``x_copy_fsync`` and ``x_numpy`` are
+    medians of per-repetition ratios to the reference timed in the same
+    repetition, so slow drift of the machine cancels.  ``peak_rss_mb`` is the
+    largest peak over the runs.  ``note``
     says why a tool has no numbers.
     """
 
@@ -84,6 +87,10 @@ class Summary:
     note: str = ""
     #: median per-repetition ratio to the copy that also fsyncs (the durable reference)
     x_copy_fsync: float | None = None
+    #: median per-repetition ratio to ``python -c "import numpy"`` (the tiny model's floor)
+    x_numpy: float | None = None
+    #: the versions the runs were measured with (see bench.versions)
+    versions: str = ""
 
     @property
     def file_gb(self) -> float:
@@ -134,6 +141,8 @@ def summarize(
             note=notes.get(tool.name, ""),
             x_copy_fsync=_paired_ratio(mine, [r for r in runs
                                               if r.tool == "copy_file_range_fsync"]),
+            x_numpy=_paired_ratio(mine, [r for r in runs if r.tool == "import_numpy"]),
+            versions=" | ".join(sorted({r.versions for r in mine})),
         ))
     return out
 
@@ -184,14 +193,25 @@ def read_summaries(path: Path) -> list[Summary]:
     return rows
 
 
-def read_results(folder: Path) -> tuple[list[Summary], list[Summary]] | None:
-    """The size and node summaries of the last run in *folder*; None (said on stderr) if none."""
+def read_results(
+    folder: Path,
+) -> tuple[list[Summary], list[Summary], list[Summary]] | None:
+    """The size, node and tiny-model summaries of the last run in *folder*.
+
+    None (said on stderr) if there are none.
+    """
     sizes = read_summaries(folder / "bench.csv")
     nodes = read_summaries(folder / "nodes.csv")
-    if not sizes and not nodes:
+    tiny = read_summaries(folder / "tiny.csv")
+    if not sizes and not nodes and not tiny:
         print(f"no results in {folder}; run python -m bench.run first", file=sys.stderr)
         return None
-    return sizes, nodes
+    return sizes, nodes, tiny
+
+
+def format_versions(rows: Iterable[Summary]) -> str:
+    """The versions the rows were measured with, one line each (normally one line)."""
+    return "\n".join(sorted({r.versions for r in rows if r.versions})) or "versions unknown"
 
 
 def _fmt(value: float | None, spec: str, missing: str = "") -> str:
@@ -201,6 +221,8 @@ def _fmt(value: float | None, spec: str, missing: str = "") -> str:
 def _model_label(row: Summary) -> str:
     if row.case == "nodes":
         return f"{row.nodes / 1000:g}k nodes ({row.file_gb:.2f} GB)"
+    if row.case == "tiny":
+        return f"tiny ({row.nodes} node, {row.file_bytes} bytes)"
     return f"{row.file_gb:.2f} GB"
 
 
@@ -208,11 +230,12 @@ def format_table(rows: Sequence[Summary], markdown: bool = False) -> str:
     """The result table: wall time, ratios to cp and to copy_file_range, peak RSS."""
     labels = {t.name: t.label for t in TOOLS}
     head = ["model", "tool", "wall s", "x cp", "x copy_file_range", "x copy+fsync",
-            "peak RSS MB", "cached", "load", "note"]
+            "x numpy", "peak RSS MB", "cached", "load", "note"]
     body = []
     for r in rows:
         if r.runs == 0:
-            body.append([_model_label(r), labels[r.tool], "", "", "", "", "", "", "", r.note])
+            body.append([_model_label(r), labels[r.tool], "", "", "", "", "", "", "", "",
+                         r.note])
             continue
         spread = f"{r.wall_median_s:.2f}"
         if r.runs > 1 and not markdown:
@@ -220,7 +243,7 @@ def format_table(rows: Sequence[Summary], markdown: bool = False) -> str:
         body.append([
             _model_label(r), labels[r.tool], spread, _fmt(r.x_cp, ".2f"),
             _fmt(r.x_copy_file_range, ".2f"), _fmt(r.x_copy_fsync, ".2f"),
-            _fmt(r.peak_rss_mb, ".0f"),
+            _fmt(r.x_numpy, ".2f"), _fmt(r.peak_rss_mb, ".0f"),
             _fmt(r.input_cached, ".0%", "?"), _fmt(r.load_1min, ".1f"), r.note,
         ])
     if markdown:
@@ -241,7 +264,8 @@ def format_table(rows: Sequence[Summary], markdown: bool = False) -> str:
 def format_pivot(rows: Sequence[Summary]) -> str:
     """A compact Markdown table: one row per model, one column per tool.
 
-    Each cell reads ``wall s (x copy_file_range), peak RSS MB``.
+    Each cell reads ``wall s (x copy_file_range), peak RSS MB``; on the tiny
+    model the ratio is to ``import numpy``.
     """
     labels = {t.name: t.label for t in TOOLS}
     tools = [t.name for t in TOOLS if any(r.tool == t.name for r in rows)]
@@ -258,6 +282,11 @@ def format_pivot(rows: Sequence[Summary]) -> str:
                 cells.append("")
             elif not cell.runs or cell.wall_median_s is None or cell.peak_rss_mb is None:
                 cells.append(cell.note)
+            elif cell.case == "tiny":
+                ratio = _fmt(cell.x_numpy, ".2f")
+                cells.append(
+                    f"{cell.wall_median_s:.2f} s ({ratio}x numpy), {cell.peak_rss_mb:.0f} MB"
+                )
             else:
                 ratio = _fmt(cell.x_copy_file_range, ".2f")
                 cells.append(
@@ -271,9 +300,17 @@ def _verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
 
-def check_goals(sizes: Sequence[Summary], nodes: Sequence[Summary]) -> list[str]:
+def check_goals(
+    sizes: Sequence[Summary], nodes: Sequence[Summary], tiny: Sequence[Summary] = (),
+) -> list[str]:
     """One line per goal: PASS/MISS with the figures it was judged on."""
     lines = []
+    for r in tiny:
+        if r.tool in STREAMCONV and r.runs and r.x_numpy is not None:
+            lines.append(
+                f"{_verdict(r.x_numpy <= 4)}  start  {r.tool} on the tiny model: "
+                f"{r.x_numpy:.2f}x python -c 'import numpy' (goal <= 4x)"
+            )
     sc = [r for r in sizes if r.tool in STREAMCONV and r.runs]
     for r in sc:
         if r.x_copy_file_range is None or r.file_gb < 0.45:
@@ -328,13 +365,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = read_results(args.results)
     if results is None:
         return 1
-    sizes, nodes = results
+    sizes, nodes, tiny = results
     if args.pivot:
-        print(format_pivot([*sizes, *nodes]))
+        print(format_pivot([*tiny, *sizes, *nodes]))
     else:
-        print(format_table([*sizes, *nodes], markdown=args.markdown))
+        print(format_table([*tiny, *sizes, *nodes], markdown=args.markdown))
     print()
-    print("\n".join(check_goals(sizes, nodes)))
+    print(format_versions([*tiny, *sizes, *nodes]))
+    print()
+    print("\n".join(check_goals(sizes, nodes, tiny)))
     return 0
 
 

@@ -1,9 +1,10 @@
 """Run the benchmark: ``python -m bench.run [--sizes 0.1,0.5] [--reps 3] [--quick]``.
 
-For every model size (GB of inline weights) and every graph-heavy node count it
-writes the model, then times each tool on it as a separate process, repeating
-the set ``--reps`` times with the order reversed on every other repetition
-(ABC CBA ABC), so that drift in the machine's speed hits every tool alike.
+For a tiny model (one node: what it costs is start-up, against ``python -c
+"import numpy"`` as the floor), every model size (GB of inline weights) and every
+graph-heavy node count it writes the model, then times each tool on it as a
+separate process, repeating the set ``--reps`` times with the order reversed
+on every other repetition (ABC CBA ABC), so that drift in the machine's speed hits every tool alike.
 Runs are warm by default (the input read through just before each run); the
 ``cached`` column shows how much of it the page cache actually held.
 
@@ -11,7 +12,9 @@ Whole-model tools (onnx, onnx_ir) are recorded as n/a past protobuf's 2 GiB
 limit, and skipped, with the reason, when the memory they would need is not
 available.  Sizes whose input and two outputs do not fit on disk are skipped
 too.  Models live in a temporary folder that is removed at the end; results
-go to ``bench/results/`` (bench.csv, nodes.csv, runs.csv, bench.png).
+go to ``bench/results/`` (tiny.csv, bench.csv, nodes.csv, runs.csv, bench.png), each
+result with the versions of python, onnx, numpy, ml_dtypes, protobuf and
+onnxruntime it was measured with.
 """
 
 from __future__ import annotations
@@ -30,7 +33,12 @@ from pathlib import Path
 from typing import TypeVar
 
 from .measure import CACHE_MODES, MeasureError, available_memory, measure
-from .models import ModelFile, write_graph_heavy_model, write_weight_heavy_model
+from .models import (
+    ModelFile,
+    write_graph_heavy_model,
+    write_tiny_model,
+    write_weight_heavy_model,
+)
 from .report import (
     GB,
     MB,
@@ -39,10 +47,12 @@ from .report import (
     Summary,
     check_goals,
     format_table,
+    format_versions,
     summarize,
     write_csv,
 )
 from .tools import PROTOBUF_LIMIT, TOOLS, Tool
+from .versions import versions
 
 __all__ = ["main"]
 
@@ -84,6 +94,8 @@ def _parser() -> argparse.ArgumentParser:
                    f"(default {','.join(map(str, DEFAULT_NODES))}; with --quick "
                    f"{','.join(map(str, QUICK_NODES))})")
     p.add_argument("--no-nodes", action="store_true", help="skip the graph-heavy models")
+    p.add_argument("--no-tiny", action="store_true",
+                   help="skip the tiny model (start-up against python -c 'import numpy')")
     p.add_argument("--reps", type=int, default=3, help="repetitions of every run (default 3)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: small graph-heavy models, one run of onnx and onnx_ir")
@@ -138,10 +150,11 @@ def _measure_model(
         p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
     notes: dict[str, str] = {}
     runs: list[Run] = []
+    measured_with = versions()
     for rep in range(args.reps):
         order = tools if rep % 2 == 0 else tools[::-1]
         for tool in order:
-            if tool.name in notes:
+            if tool.name in notes or (tool.floor and case != "tiny"):
                 continue
             if tool.whole_model and args.quick and rep > 0:
                 continue
@@ -163,12 +176,14 @@ def _measure_model(
                 continue
             run = Run(case, size_gb, model.nodes, model.file_size, tool.name, rep,
                       sample.wall_s, sample.peak_rss_kib * 1024 / MB, sample.user_s,
-                      sample.sys_s, sample.cached, load, commit)
+                      sample.sys_s, sample.cached, load, commit, measured_with)
             runs.append(run)
             log.info("  rep %d %-20s %8.2f s %8.0f MB  cached %s  load %.1f", rep, tool.name,
                      run.wall_s, run.peak_rss_mb,
                      "?" if sample.cached is None else f"{sample.cached:.0%}", load)
     runs_out.extend(runs)
+    if case != "tiny":
+        tools = [t for t in tools if not t.floor]
     return summarize(case, size_gb, model.nodes, model.file_size, runs, notes, tools)
 
 
@@ -182,7 +197,7 @@ def _bench_case(
     case: str, size_gb: float, nodes: int, write: Callable[[Path], ModelFile], estimate: float,
     tools: Sequence[Tool], args: argparse.Namespace, workdir: Path, runs: list[Run],
 ) -> list[Summary]:
-    title = f"{size_gb:g} GB" if case == "size" else f"{nodes} nodes"
+    title = {"size": f"{size_gb:g} GB", "tiny": "tiny model"}.get(case, f"{nodes} nodes")
     fits, why = _fits_on_disk(workdir, estimate)
     if not fits:
         log.warning("%s: skipped, %s", title, why)
@@ -214,15 +229,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     tools = [t for t in TOOLS if t.name in wanted]
     node_counts = [] if args.no_nodes else (
         args.nodes or list(QUICK_NODES if args.quick else DEFAULT_NODES))
-    log.info("streamconv source %s", source_version())
+    log.info("streamconv source %s; %s", source_version(), versions())
     # A regular installation byte-compiles the package; an editable one where
     # PYTHONDONTWRITEBYTECODE is set would compile it again in every run.
     compileall.compile_dir(str(REPO / "streamconv"), quiet=1)
     workdir = Path(tempfile.mkdtemp(prefix="streamconv-bench-", dir=args.workdir))
     runs: list[Run] = []
+    tiny: list[Summary] = []
     sizes: list[Summary] = []
     nodes: list[Summary] = []
     try:
+        if not args.no_tiny:
+            tiny += _bench_case("tiny", 0.0, 1, write_tiny_model, 1e3, tools, args, workdir, runs)
         for size_gb in args.sizes:
             sizes += _bench_case(
                 "size", size_gb, 0, partial(write_weight_heavy_model, size_gb=size_gb),
@@ -239,16 +257,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning("interrupted; writing what was measured")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    write_csv(args.results / "tiny.csv", tiny)
     write_csv(args.results / "bench.csv", sizes)
     write_csv(args.results / "nodes.csv", nodes)
     write_csv(args.results / "runs.csv", runs)
-    print(format_table([*sizes, *nodes]))
+    print(format_table([*tiny, *sizes, *nodes]))
     print()
-    print("\n".join(check_goals(sizes, nodes)))
+    print(format_versions([*tiny, *sizes, *nodes]))
+    print()
+    print("\n".join(check_goals(sizes, nodes, tiny)))
     if not args.no_plot and (sizes or nodes):
         from .plot import plot
 
-        plot(sizes, nodes, args.results / "bench.png")
+        plot(sizes, nodes, args.results / "bench.png", format_versions([*tiny, *sizes, *nodes]))
         print(f"\nwrote {args.results / 'bench.png'} and the CSV files beside it")
     return 0
 

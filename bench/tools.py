@@ -29,6 +29,7 @@ class Tool:
     sidecar: bool = False
     whole_model: bool = False
     memory_factor: float = 0.0
+    floor: bool = False
 
     def command(self, src: Path, dst: Path) -> list[str]:
         """The command line that converts (or copies) *src* to *dst*."""
@@ -45,6 +46,7 @@ _PY = sys.executable
 _OPSET = str(TARGET_OPSET)
 
 TOOLS: tuple[Tool, ...] = (
+    Tool("import_numpy", 'python -c "import numpy"', (_PY, "-c", "import numpy"), floor=True),
     Tool("cp", "cp", ("cp", "{src}", "{dst}")),
     Tool(
         "copy_file_range", "os.copy_file_range copy",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -143,6 +144,11 @@ def _run_convert(argv: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code (0 ok, 1 conversion failed, 2 bad input)."""
     args = list(sys.argv[1:] if argv is None else argv)
+    # onnx imports numpy, whose OpenBLAS starts a thread per CPU that spins while
+    # the import goes on; nothing here does linear algebra, and on 2 CPUs those
+    # threads made `import numpy` take twice as long.  Only effective before numpy
+    # is imported; a value the user set is kept.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     previous = {}
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
