@@ -101,6 +101,11 @@ def test_rows_name_real_schemas_and_give_reasons() -> None:
         assert (step.reason and step.reason[0].islower()) or step.reason[0].isupper()
 
 
+def test_every_adapter_row_has_its_adapter() -> None:
+    rows = {k for k, step in STEPS.items() if step.kind is Kind.ADAPTER}
+    assert sorted(rows - set(ADAPTERS)) == []
+
+
 def test_every_adapter_belongs_to_an_adapter_row() -> None:
     for key in ADAPTERS:
         step = find_step(*key)
