@@ -27,6 +27,7 @@ __all__ = [
     "StepContext",
     "adapter",
     "attribute",
+    "tensor_value",
     "without",
 ]
 
@@ -89,7 +90,7 @@ class StepContext:
         tensor = self.constants.get(name)
         if tensor is None:
             return None
-        return numpy_helper.to_array(tensor)
+        return tensor_value(tensor, repr(name))
 
     # -- what an adapter makes -----------------------------------------------------
     def fresh(self, base: str) -> str:
@@ -120,6 +121,14 @@ class StepContext:
         if isinstance(outputs, int):
             outputs = [self.fresh(base) for _ in range(outputs)]
         return helper.make_node(op, inputs, outputs, name=self.fresh(base), **attrs)
+
+
+def tensor_value(tensor: onnx.TensorProto, what: str) -> np.ndarray:
+    """The values of a (small, inline) *tensor*; Refusal when they do not fit its dims."""
+    try:
+        return numpy_helper.to_array(tensor)
+    except Exception as e:  # malformed: too few values for its dims, an unknown type…
+        raise Refusal(f"the constant {what} cannot be read: {e}") from e
 
 
 Adapter = Callable[[onnx.NodeProto, StepContext], list[onnx.NodeProto]]

@@ -55,7 +55,10 @@ def type_string(t: onnx.TypeProto | None) -> str | None:
 
 @cache
 def _elem_name(elem_type: int) -> str:
-    name = onnx.TensorProto.DataType.Name(elem_type).lower()
+    try:
+        name = onnx.TensorProto.DataType.Name(elem_type).lower()
+    except ValueError:  # a number no onnx type has: in no schema's allowed list
+        return f"undefined type {elem_type}"
     return {"float": "float", "string": "string"}.get(name, name)
 
 

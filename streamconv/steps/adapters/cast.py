@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .._context import Refusal, StepContext, adapter, attribute, without
+from .._context import Refusal, StepContext, adapter, attribute, tensor_value, without
 from .._schema import fit_or_refuse
 
 _FLOAT8 = {
@@ -38,7 +38,10 @@ _OLD_CAST_TARGETS = {
 
 
 def _type_name(elem_type: int) -> str:
-    return str(TensorProto.DataType.Name(elem_type)).lower()
+    try:
+        return str(TensorProto.DataType.Name(elem_type)).lower()
+    except ValueError:  # a number no onnx type has
+        return f"undefined type {elem_type}"
 
 
 def _no_float8(node: onnx.NodeProto, ctx: StepContext, types: dict[str, int | None]) -> None:
@@ -131,7 +134,7 @@ def value_as_float_then_cast(node: onnx.NodeProto, ctx: StepContext
         raise Refusal(f"the {name} value is not in the skeleton, so it cannot be checked "
                       "and rewritten as a float constant (Constant below 9 holds only "
                       "float16, float or double)")
-    values = numpy_helper.to_array(tensor)
+    values = tensor_value(tensor, f"{name} value")
     float_type: int
     if elem_type == TensorProto.BOOL:
         floats, float_type = values.astype(np.float32), int(TensorProto.FLOAT)

@@ -19,9 +19,9 @@ import math
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
-from .._context import Refusal, StepContext, adapter, attribute, without
+from .._context import Refusal, StepContext, adapter, attribute, tensor_value, without
 
 __all__ = ["constant_of_shape", "legacy_broadcast", "quantize_per_tensor", "recurrent_sequence",
            "resize", "roi_align"]
@@ -31,6 +31,13 @@ def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
     out = onnx.NodeProto()
     out.CopyFrom(node)
     return out
+
+
+def _type_name(elem: int) -> str:
+    try:
+        return str(onnx.TensorProto.DataType.Name(elem))
+    except ValueError:  # a number no onnx type has
+        return f"undefined type {elem}"
 
 
 @adapter("Resize", 10)
@@ -69,7 +76,10 @@ def constant_of_shape(node: onnx.NodeProto, ctx: StepContext) -> list[onnx.NodeP
         value = np.zeros((), dtype=np.float32)
         elem = onnx.TensorProto.FLOAT
     else:
-        value = numpy_helper.to_array(given).reshape(())
+        value = tensor_value(given, "value")
+        if value.size != 1:
+            raise Refusal(f"value holds {value.size} elements; ConstantOfShape takes one")
+        value = value.reshape(())
         elem = int(given.data_type)
     base = node.name or "ConstantOfShape"
     made: list[onnx.NodeProto] = []
@@ -78,7 +88,7 @@ def constant_of_shape(node: onnx.NodeProto, ctx: StepContext) -> list[onnx.NodeP
         made.append(const)
     else:
         if value.dtype.kind not in "biuf":
-            raise Refusal(f"value of type {onnx.TensorProto.DataType.Name(elem)} cannot be "
+            raise Refusal(f"value of type {_type_name(elem)} cannot be "
                           "made at opset 8 (Constant holds only floats there, and Cast no "
                           "strings)")
         held = value.astype(np.float64)
