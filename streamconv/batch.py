@@ -22,7 +22,6 @@ half written.  They exist so tests can show crash and time-out isolation.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import fnmatch
@@ -46,8 +45,8 @@ from typing import Any
 import onnx
 
 from .api import DEFAULT_ALIGN, DEFAULT_THRESHOLD, LAYOUTS, convert
-from .converter import DEFAULT_DOMAINS, max_opset, validate_target
-from .errors import OutputError, StreamconvError, UsageError
+from .converter import DEFAULT_DOMAINS, validate_target
+from .errors import Interrupted, OutputError, StreamconvError, UsageError
 from .publish import Staging, data_location, previous_data_files, publish, replace_file, sweep_stale
 from .scan import map_file
 from .skeleton import build_skeleton, iter_stub_tensors, stub_id
@@ -64,10 +63,10 @@ __all__ = [
     "BatchResult",
     "ModelResult",
     "Parity",
+    "check_folders",
     "convert_tree",
     "dry_run",
     "find_files",
-    "run_batch",
     "summary_lines",
     "verify_parity",
     "write_report",
@@ -124,6 +123,12 @@ class BatchOptions:
     copy_other: bool = False
     strict_onnx: bool = False
     fsync: bool = True
+    checksum: bool = False
+    inline_functions: bool = False
+    reuse_data: bool = False
+    #: data-file name for each output, ``{name}`` (the model's file name) or ``{stem}``
+    #: (without ``.onnx``) filled in; None: ``<model>.data``
+    data_name: str | None = None
 
     def validate(self) -> None:
         """Raise UsageError naming the first invalid option."""
@@ -143,6 +148,16 @@ class BatchOptions:
             for pattern in patterns:
                 if not pattern:
                     raise UsageError(f"{name} needs a non-empty glob")
+        if self.data_name is not None:
+            if "{name}" not in self.data_name and "{stem}" not in self.data_name:
+                # one fixed name would make every model of a folder share one data file
+                raise UsageError(f"batch --data-name must contain {{name}} or {{stem}}, "
+                                 f"got {self.data_name!r}")
+            try:
+                self.data_name.format(name="m.onnx", stem="m")
+            except (KeyError, IndexError, ValueError) as e:
+                raise UsageError(f"--data-name {self.data_name!r}: only {{name}} and "
+                                 f"{{stem}} may be filled in ({e})") from e
         if self.verify and not _have_onnxruntime():
             raise UsageError("--verify needs onnxruntime (pip install onnxruntime)")
 
@@ -168,6 +183,8 @@ class ModelResult:
     verify: str | None = None
     #: external-data files written beside the output, relative to DST
     data_files: list[str] = field(default_factory=list)
+    #: what the conversion warned about (the input already failing the checker, ...)
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -225,10 +242,6 @@ class BatchResult:
                 "failed": [{"path": p, "error": e} for p, e in self.others_failed],
             },
         }
-
-
-class _Stopped(KeyboardInterrupt):
-    """SIGINT or SIGTERM arrived; carries the signal number."""
 
 
 def _have_onnxruntime() -> bool:
@@ -294,7 +307,7 @@ def find_files(
     return models, others
 
 
-def _check_folders(src_dir: str, dst_dir: str) -> None:
+def check_folders(src_dir: str, dst_dir: str) -> None:
     if not os.path.isdir(src_dir):
         raise UsageError(f"SRC_DIR {src_dir} is not a folder")
     if os.path.exists(dst_dir) and not os.path.isdir(dst_dir):
@@ -516,12 +529,19 @@ def _convert_one(job: _Job, probe: _Probe | None, options: BatchOptions,
             if parity.ok is False:
                 raise StreamconvError(f"--verify: {result.verify}")
 
+    data_name = None
+    if options.data_name is not None:
+        name = os.path.basename(job.dst)
+        data_name = options.data_name.format(name=name, stem=name.removesuffix(".onnx"))
     report = convert(
         job.src, job.dst, opset=options.opset, layout=layout,
         size_threshold=options.size_threshold, align=options.align, check=options.check,
+        checksum=options.checksum, inline_functions=options.inline_functions,
+        reuse_data=options.reuse_data, data_name=data_name,
         strict_onnx=options.strict_onnx, fsync=options.fsync, progress=progress,
         before_publish=before_publish,
     )
+    result.warnings = list(report.warnings)
     data_files = [os.path.relpath(report.data_file, os.path.dirname(job.dst)).replace(
         os.sep, "/")] if report.data_file else []
     result.opset_from = report.opset_from
@@ -1124,7 +1144,7 @@ def convert_tree(
     if os.name != "posix":
         raise UsageError("batch conversion needs a POSIX system (its workers share a socket)")
     options.validate()
-    _check_folders(src_dir, dst_dir)
+    check_folders(src_dir, dst_dir)
     result = BatchResult(src_dir, dst_dir, options)
     workdir = None
     try:
@@ -1159,7 +1179,7 @@ def convert_tree(
             pool.run(jobs)
         if others:
             _copy_others(src_dir, dst_dir, others, produced, options, result)
-    except _Stopped as e:
+    except Interrupted as e:
         result.interrupted = int(e.args[0]) if e.args else signal.SIGINT
     except KeyboardInterrupt:
         result.interrupted = int(signal.SIGINT)
@@ -1177,7 +1197,7 @@ def dry_run(src_dir: str, dst_dir: str, options: BatchOptions) -> list[tuple[str
     Raises UsageError for bad options or folders.
     """
     options.validate()
-    _check_folders(src_dir, dst_dir)
+    check_folders(src_dir, dst_dir)
     result = BatchResult(src_dir, dst_dir, options)
     jobs, others, _ = _plan(src_dir, dst_dir, options, result)
     rows = [("skip", m.source, "up to date") for m in result.models]
@@ -1260,187 +1280,3 @@ def summary_lines(result: BatchResult) -> list[str]:
         lines += [f"  {m.source}: {m.error}" for m in failed]
         lines += [f"  {rel}: {error}" for rel, error in result.others_failed]
     return lines
-
-
-# -- command line ----------------------------------------------------------------------------
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-
-
-class _UsageExit(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:  # a usage error is one line and exit code 2
-        raise _UsageExit(message)
-
-
-def _default_jobs() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="streamconv batch",
-        description="Convert every *.onnx below SRC_DIR to the same place below DST_DIR. "
-        "Models already at the target opset are copied through unchanged with their "
-        "external data. Outputs that are newer than their source are skipped, so an "
-        "interrupted batch can be rerun. Exit code 0: all succeeded, 1: some failed, "
-        "2: usage error.",
-    )
-    p.add_argument("src_dir", metavar="SRC_DIR", help="folder to read models from")
-    p.add_argument("dst_dir", metavar="DST_DIR", help="folder to write them to (created)")
-    p.add_argument("--opset", type=int, default=None,
-                   help=f"target ai.onnx opset (default: {max_opset()}, the newest onnx knows)")
-    p.add_argument("--jobs", "-j", type=int, default=None, metavar="N",
-                   help="models converted at once, one worker process each "
-                   "(default: the number of cores)")
-    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
-                   help="fail a model whose conversion takes longer (default: no limit)")
-    p.add_argument("--report", default=None, metavar="FILE",
-                   help="write a per-model report: JSON, or CSV if FILE ends in .csv")
-    p.add_argument("--layout", choices=LAYOUTS, default="auto",
-                   help="auto (default): models with external data keep it external, others "
-                   "are inline under 2 GiB; inline; external")
-    p.add_argument("--size-threshold", type=int, default=DEFAULT_THRESHOLD, metavar="BYTES",
-                   help=f"tensors larger than this are never loaded (default {DEFAULT_THRESHOLD})")
-    p.add_argument("--align", type=int, default=DEFAULT_ALIGN, metavar="BYTES",
-                   help=f"alignment of large tensors in data files (default {DEFAULT_ALIGN})")
-    p.add_argument("--no-check", dest="check", action="store_false", default=True,
-                   help="skip the onnx.checker validation of each result")
-    p.add_argument("--force", action="store_true",
-                   help="redo outputs even when they are up to date")
-    p.add_argument("--strict-onnx", action="store_true",
-                   help="use onnx's version converter alone (its adapters only)")
-    p.add_argument("--force-convert", action="store_true",
-                   help="convert models already at the target opset instead of copying them")
-    p.add_argument("--verify", action="store_true",
-                   help="run original and result in ONNX Runtime on the same inputs "
-                   "(test_data_set_* or seeded random); a mismatch fails the model")
-    p.add_argument("--include", action="append", default=[], metavar="GLOB",
-                   help="only paths matching GLOB (repeatable; a GLOB without '/' may match "
-                   "any part of the path)")
-    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
-                   help="leave out paths matching GLOB (repeatable)")
-    p.add_argument("--copy-other", action="store_true",
-                   help="also copy files that are neither models nor their external data")
-    p.add_argument("--no-fsync", dest="fsync", action="store_false", default=True,
-                   help="do not sync outputs to disk (faster; a power loss may then leave "
-                   "empty or truncated outputs that a rerun takes for up to date)")
-    p.add_argument("--dry-run", action="store_true", help="list what would be done and stop")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
-    p.add_argument("-v", "--verbose", action="store_true", help="log what happens")
-    return p
-
-
-def _progress_bar(quiet: bool) -> tuple[Any, ProgressCallback | None]:
-    if quiet or not sys.stderr.isatty():
-        return None, None
-    from tqdm import tqdm
-
-    bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc="converting",
-               file=sys.stderr, dynamic_ncols=True)
-
-    def update(event: BatchProgress) -> None:
-        if bar.total != event.bytes_total:
-            bar.total = event.bytes_total
-        bar.set_postfix_str(f"{event.models_done}/{event.models_total} models", refresh=False)
-        bar.update(event.bytes_done - bar.n)
-
-    return bar, update
-
-
-def _emit(text: str) -> None:
-    """Print a line of command-line output; a reader that went away (``| head``) is fine."""
-    try:
-        print(text)
-    except BrokenPipeError:
-        # Point stdout at /dev/null so that later prints and the final flush stay quiet.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-
-
-def _raise_stopped(signum: int, frame: Any) -> None:
-    raise _Stopped(signum)
-
-
-def run_batch(argv: Sequence[str]) -> int:
-    """``streamconv batch`` on *argv*; return the exit code.
-
-    0 when every model succeeded (or was up to date), 1 when some failed, 2 for
-    a usage error, 128 + signal number when interrupted.
-    """
-    try:
-        args = _parser().parse_args(list(argv))
-        options = BatchOptions(
-            opset=max_opset() if args.opset is None else args.opset,
-            jobs=_default_jobs() if args.jobs is None else args.jobs,
-            layout=args.layout, size_threshold=args.size_threshold, align=args.align,
-            check=args.check, force=args.force, force_convert=args.force_convert,
-            strict_onnx=args.strict_onnx,
-            timeout=args.timeout, verify=args.verify, include=tuple(args.include),
-            exclude=tuple(args.exclude), copy_other=args.copy_other, fsync=args.fsync,
-        )
-        options.validate()
-        _check_folders(args.src_dir, args.dst_dir)
-        if args.report is not None and not os.path.isdir(
-                os.path.dirname(os.path.abspath(args.report))):
-            raise UsageError(f"--report: folder of {args.report} does not exist")
-    except _UsageExit as e:
-        print(f"streamconv batch: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except UsageError as e:
-        print(f"streamconv batch: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="streamconv: %(message)s")
-    if args.dry_run:
-        rows = dry_run(args.src_dir, args.dst_dir, options)
-        for action, rel, detail in rows:
-            _emit(f"{action:<10} {rel}" + (f"  ({detail})" if detail else ""))
-        if not args.quiet:
-            counts: dict[str, int] = {}
-            for action, _, _ in rows:
-                counts[action] = counts.get(action, 0) + 1
-            _emit("dry run: " + ", ".join(f"{n} {a}" for a, n in sorted(counts.items()))
-                  if counts else "dry run: nothing to do")
-        return EXIT_OK
-    previous = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            previous[sig] = signal.signal(sig, _raise_stopped)
-        except ValueError:  # not the main thread: KeyboardInterrupt still stops cleanly
-            pass
-    bar, update = _progress_bar(args.quiet)
-    try:
-        result = convert_tree(args.src_dir, args.dst_dir, options, progress=update)
-    except StreamconvError as e:
-        print(f"streamconv batch: error: {e}", file=sys.stderr)
-        return e.exit_code
-    finally:
-        if bar is not None:
-            bar.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if args.report is not None:
-        try:
-            write_report(args.report, result)
-        except OSError as e:
-            print(f"streamconv batch: error: cannot write the report {args.report}: "
-                  f"{e.strerror}", file=sys.stderr)
-            return EXIT_USAGE
-    if not args.quiet:
-        _emit("\n".join(summary_lines(result)))
-    if result.interrupted is not None:
-        print(f"streamconv batch: interrupted by signal {result.interrupted}; finished outputs "
-              "are kept, none is half-written; rerun to continue", file=sys.stderr)
-        return 128 + result.interrupted
-    return EXIT_FAILED if result.failed else EXIT_OK

@@ -32,11 +32,16 @@ from streamconv.batch import (
     Parity,
     convert_tree,
     find_files,
-    run_batch,
     verify_parity,
 )
+from streamconv.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_batch(argv: list[str]) -> int:
+    """``streamconv batch ARGV`` in this process; its exit code."""
+    return cli_main(["batch", *argv])
 
 #: Node cases picked for variety: upgrades, downgrades, control flow, sequences, models at
 #: opset 13 and 18, models onnx cannot convert, models whose conversion fails onnx.checker,
