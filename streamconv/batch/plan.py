@@ -1,0 +1,230 @@
+"""Finding the work: the models and other files below SRC, what is up to date, the dry run."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import onnx
+
+from ..converter import DEFAULT_DOMAINS
+from ..errors import StreamconvError, UsageError
+from ..publish import (
+    data_location,
+)
+from ..scan import map_file
+from ..skeleton import build_skeleton, iter_stub_tensors, stub_id
+from .options import BatchOptions
+from .report import SKIPPED, BatchResult, ModelResult, error_text
+
+
+def _matches(rel: str, pattern: str) -> bool:
+    """Glob match on the whole relative path, or, for a pattern without '/', on any part."""
+    if fnmatch.fnmatchcase(rel, pattern):
+        return True
+    return "/" not in pattern and any(fnmatch.fnmatchcase(p, pattern) for p in rel.split("/"))
+
+
+def _selected(rel: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
+    if include and not any(_matches(rel, p) for p in include):
+        return False
+    return not any(_matches(rel, p) for p in exclude)
+
+
+def find_files(
+    src_dir: str, dst_dir: str, include: Sequence[str] = (), exclude: Sequence[str] = ()
+) -> tuple[list[str], list[str]]:
+    """``(models, others)``: relative POSIX paths below *src_dir*, sorted, filtered.
+
+    *dst_dir* is left out of the walk when it lies inside *src_dir*, and so are
+    streamconv's own temporary folders.  Symbolic links to folders are not
+    followed.
+    """
+    real_dst = os.path.realpath(dst_dir)
+    models: list[str] = []
+    others: list[str] = []
+    for root, dirs, files in os.walk(src_dir):
+        dirs[:] = sorted(
+            d for d in dirs
+            if not d.startswith(".streamconv-")
+            and os.path.realpath(os.path.join(root, d)) != real_dst
+        )
+        rel_root = os.path.relpath(root, src_dir)
+        for name in sorted(files):
+            if name.startswith(".streamconv-"):
+                continue
+            rel = name if rel_root == "." else f"{rel_root}/{name}".replace(os.sep, "/")
+            if not _selected(rel, include, exclude):
+                continue
+            (models if name.endswith(".onnx") else others).append(rel)
+    return models, others
+
+
+def check_folders(src_dir: str, dst_dir: str) -> None:
+    if not os.path.isdir(src_dir):
+        raise UsageError(f"SRC_DIR {src_dir} is not a folder")
+    if os.path.exists(dst_dir) and not os.path.isdir(dst_dir):
+        raise UsageError(f"DST_DIR {dst_dir} exists and is not a folder")
+    real_src, real_dst = os.path.realpath(src_dir), os.path.realpath(dst_dir)
+    if real_src == real_dst:
+        raise UsageError("SRC_DIR and DST_DIR are the same folder; outputs would replace inputs")
+    if os.path.commonpath([real_src, real_dst]) == real_dst:
+        raise UsageError(f"SRC_DIR {src_dir} lies inside DST_DIR {dst_dir}; "
+                         "outputs could replace inputs")
+
+
+def _data_location(tensor: onnx.TensorProto) -> str | None:
+    """The normalized relative location of an external tensor, or None if unusable."""
+    return data_location(next((e.value for e in tensor.external_data if e.key == "location"), ""))
+
+
+@dataclass
+class Probe:
+    """What a quick look at a model file tells: its ai.onnx opset and its data files."""
+
+    opset: int | None
+    #: usable external-data locations, normalized, each once
+    data_files: list[str]
+    #: tensors stored as external data, usable location or not
+    external_tensors: int
+    model: onnx.ModelProto
+
+
+def probe_model(path: str, threshold: int) -> Probe:
+    """Scan *path* into a skeleton (payloads stay on disk).
+
+    External-data locations are listed as written (normalized); they are not
+    checked here.  Raises StreamconvError for a file that is not a model.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    buf: Any = None
+    try:
+        size = os.fstat(fd).st_size
+        buf = map_file(fd, size)
+        skeleton = build_skeleton(buf, size, path, threshold, for_conversion=False)
+    finally:
+        if buf is not None and hasattr(buf, "close"):
+            buf.close()
+        os.close(fd)
+    model = skeleton.model
+    versions = [o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS]
+    data_files: list[str] = []
+    external = 0
+    for tensor, _, _ in iter_stub_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL or stub_id(tensor) is not None:
+            continue
+        external += 1
+        location = _data_location(tensor)
+        if location is not None and location not in data_files:
+            data_files.append(location)
+    return Probe(max(versions) if versions else None, data_files, external, model)
+
+
+def _up_to_date(src: str, dst: str, threshold: int) -> list[str] | None:
+    """The output's data files (relative to its folder) if *dst* is up to date, else None.
+
+    Up to date: *dst* is at least as new as *src* and every external-data file
+    it references exists.
+    """
+    try:
+        if os.stat(dst).st_mtime_ns < os.stat(src).st_mtime_ns:
+            return None
+        data_files = probe_model(dst, threshold).data_files
+    except (OSError, StreamconvError):
+        return None
+    folder = os.path.dirname(dst)
+    if all(os.path.isfile(os.path.join(folder, *f.split("/"))) for f in data_files):
+        return data_files
+    return None
+
+@dataclass(frozen=True)
+class Job:
+    index: int
+    rel: str
+    src: str
+    dst: str
+    size: int
+
+def size_or_zero(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+def _referenced_data(src_dir: str, models: Sequence[str], threshold: int) -> set[str]:
+    """Every file below *src_dir* that a model references as external data."""
+    referenced: set[str] = set()
+    for rel in models:
+        folder = os.path.dirname(rel)
+        try:
+            probe = probe_model(os.path.join(src_dir, *rel.split("/")), threshold)
+        except (StreamconvError, OSError):
+            continue
+        referenced.update(posix_join(folder, f) for f in probe.data_files)
+    return referenced
+
+
+def plan_work(src_dir: str, dst_dir: str, options: BatchOptions,
+          result: BatchResult) -> tuple[list[Job], list[str], set[str]]:
+    """Find the work: jobs to run, other files to copy, and paths the outputs occupy.
+
+    Models whose output is up to date go straight into *result* as skipped.
+    """
+    models, others = find_files(src_dir, dst_dir, options.include, options.exclude)
+    jobs: list[Job] = []
+    produced: set[str] = set()
+    for index, rel in enumerate(models):
+        src = os.path.join(src_dir, *rel.split("/"))
+        dst = os.path.join(dst_dir, *rel.split("/"))
+        produced.add(rel)
+        fresh = None if options.force else _up_to_date(src, dst, options.size_threshold)
+        if fresh is not None:
+            data = [posix_join(os.path.dirname(rel), f) for f in fresh]
+            produced.update(data)
+            result.models.append(ModelResult(
+                source=rel, destination=rel, status=SKIPPED, action="skip",
+                opset_to=options.opset, bytes_in=size_or_zero(src),
+                bytes_out=size_or_zero(dst), data_files=data,
+            ))
+            continue
+        jobs.append(Job(index, rel, src, dst, size_or_zero(src)))
+    if options.copy_other:
+        referenced = _referenced_data(src_dir, models, options.size_threshold)
+        others = [o for o in others if o not in referenced]
+    else:
+        others = []
+    return jobs, others, produced
+
+
+def posix_join(folder: str, name: str) -> str:
+    """*name* (relative POSIX) inside relative POSIX *folder*, normalized."""
+    return os.path.normpath(os.path.join(folder, name)).replace(os.sep, "/")
+
+def dry_run(src_dir: str, dst_dir: str, options: BatchOptions) -> list[tuple[str, str, str]]:
+    """What a batch would do, without writing anything: ``(action, path, detail)`` rows.
+
+    Raises UsageError for bad options or folders.
+    """
+    options.validate()
+    check_folders(src_dir, dst_dir)
+    result = BatchResult(src_dir, dst_dir, options)
+    jobs, others, _ = plan_work(src_dir, dst_dir, options, result)
+    rows = [("skip", m.source, "up to date") for m in result.models]
+    for job in jobs:
+        try:
+            probe = probe_model(job.src, options.size_threshold)
+        except (StreamconvError, OSError) as e:
+            rows.append(("convert", job.rel, f"unreadable, will fail: {error_text(e)}"))
+            continue
+        data = f" + {len(probe.data_files)} data file(s)" if probe.data_files else ""
+        if probe.opset is None:
+            rows.append(("convert", job.rel, "imports no ai.onnx opset, will fail"))
+        elif probe.opset == options.opset and not options.force_convert:
+            rows.append(("copy", job.rel, f"already at opset {probe.opset}{data}"))
+        else:
+            rows.append(("convert", job.rel, f"opset {probe.opset} -> {options.opset}{data}"))
+    rows += [("copy-other", rel, "") for rel in others]
+    return sorted(rows, key=lambda r: (r[0] == "copy-other", r[1]))
