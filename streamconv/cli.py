@@ -247,7 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_epilog(),
         description="Convert every *.onnx below SRC_DIR to the same place below DST_DIR. "
         "Models already at the target opset are copied through with their external data; "
-        "outputs that are up to date are skipped, so an interrupted batch can be rerun.",
+        "outputs that are up to date (same source and data files, target and byte-changing "
+        "options, recorded in DST_DIR/.streamconv.batch.json) are skipped, so an interrupted "
+        "batch can be rerun.",
     )
     p.add_argument("src_dir", metavar="SRC_DIR", help="folder to read models from")
     p.add_argument("dst_dir", metavar="DST_DIR", help="folder to write them to (created)")

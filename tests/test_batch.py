@@ -33,6 +33,7 @@ from streamconv.batch import (
     find_files,
     verify_parity,
 )
+from streamconv.batch.manifest import MANIFEST
 from streamconv.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -320,7 +321,7 @@ def test_killed_worker_takes_its_copy_process_along(
     code = run_batch([str(src), str(out), "--opset", "18", "--jobs", "2", "--timeout", "3",
                       "--layout", "external", "-q"])
     assert code == 1
-    assert sorted(os.listdir(out)) == ["fine.onnx", "fine.onnx.data"]
+    assert sorted(os.listdir(out)) == [MANIFEST, "fine.onnx", "fine.onnx.data"]
     deadline = time.monotonic() + 5
     while _copy_processes_of(out) and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -21,6 +21,7 @@ from ..publish import (
 )
 from ..scan import map_file
 from ..skeleton import build_skeleton
+from .manifest import file_identity, input_identity
 from .options import BatchOptions
 from .parity import verify_parity
 from .plan import Job, Probe, probe_model, size_or_zero
@@ -77,12 +78,18 @@ def run_job(job: Job, options: BatchOptions,
     started = time.perf_counter()
     result = ModelResult(source=job.rel, destination=job.rel, status=FAILED, action="convert",
                          opset_to=options.opset, bytes_in=job.size)
+    # taken before anything is read: a change from here on shows on the next run
+    source = file_identity(job.src)
     try:
         os.makedirs(os.path.dirname(job.dst), exist_ok=True)
         try:
             probe: Probe | None = probe_model(job.src, options.size_threshold)
         except (StreamconvError, OSError):
             probe = None  # convert() names the problem the way a single conversion does
+        if probe is not None and source is not None:
+            inputs = input_identity(job.src, probe.data_files)
+            if inputs is not None and inputs["model"] == source:
+                result.inputs = inputs
         if probe is not None:
             result.opset_from = probe.opset
             result.bytes_in = job.size + sum(

@@ -17,6 +17,7 @@ from ..publish import (
 )
 from ..scan import map_file
 from ..skeleton import build_skeleton, iter_stub_tensors, stub_id
+from .manifest import Manifest
 from .options import BatchOptions
 from .report import SKIPPED, BatchResult, ModelResult, error_text
 
@@ -54,7 +55,7 @@ def find_files(
         )
         rel_root = os.path.relpath(root, src_dir)
         for name in sorted(files):
-            if name.startswith(".streamconv-"):
+            if name.startswith(".streamconv"):  # staging folders, the manifest
                 continue
             rel = name if rel_root == "." else f"{rel_root}/{name}".replace(os.sep, "/")
             if not _selected(rel, include, exclude):
@@ -123,23 +124,6 @@ def probe_model(path: str, threshold: int) -> Probe:
     return Probe(max(versions) if versions else None, data_files, external, model)
 
 
-def _up_to_date(src: str, dst: str, threshold: int) -> list[str] | None:
-    """The output's data files (relative to its folder) if *dst* is up to date, else None.
-
-    Up to date: *dst* is at least as new as *src* and every external-data file
-    it references exists.
-    """
-    try:
-        if os.stat(dst).st_mtime_ns < os.stat(src).st_mtime_ns:
-            return None
-        data_files = probe_model(dst, threshold).data_files
-    except (OSError, StreamconvError):
-        return None
-    folder = os.path.dirname(dst)
-    if all(os.path.isfile(os.path.join(folder, *f.split("/"))) for f in data_files):
-        return data_files
-    return None
-
 @dataclass(frozen=True)
 class Job:
     index: int
@@ -167,11 +151,12 @@ def _referenced_data(src_dir: str, models: Sequence[str], threshold: int) -> set
     return referenced
 
 
-def plan_work(src_dir: str, dst_dir: str, options: BatchOptions,
-          result: BatchResult) -> tuple[list[Job], list[str], set[str]]:
+def plan_work(src_dir: str, dst_dir: str, options: BatchOptions, result: BatchResult,
+              manifest: Manifest) -> tuple[list[Job], list[str], set[str]]:
     """Find the work: jobs to run, other files to copy, and paths the outputs occupy.
 
-    Models whose output is up to date go straight into *result* as skipped.
+    Models whose output is up to date by *manifest* go straight into *result* as
+    skipped, described as the manifest records them (what is on disk).
     """
     models, others = find_files(src_dir, dst_dir, options.include, options.exclude)
     jobs: list[Job] = []
@@ -180,14 +165,15 @@ def plan_work(src_dir: str, dst_dir: str, options: BatchOptions,
         src = os.path.join(src_dir, *rel.split("/"))
         dst = os.path.join(dst_dir, *rel.split("/"))
         produced.add(rel)
-        fresh = None if options.force else _up_to_date(src, dst, options.size_threshold)
-        if fresh is not None:
-            data = [posix_join(os.path.dirname(rel), f) for f in fresh]
+        entry = None if options.force else manifest.fresh(rel, src, dst, options)
+        if entry is not None:
+            data = [posix_join(os.path.dirname(rel), f) for f in entry.get("data_files", [])]
             produced.update(data)
             result.models.append(ModelResult(
                 source=rel, destination=rel, status=SKIPPED, action="skip",
-                opset_to=options.opset, bytes_in=size_or_zero(src),
-                bytes_out=size_or_zero(dst), data_files=data,
+                opset_from=entry.get("opset_from"), opset_to=entry.get("opset_to"),
+                bytes_in=size_or_zero(src), bytes_out=entry.get("bytes_out"),
+                tensors_diverted=entry.get("tensors_diverted"), data_files=data,
             ))
             continue
         jobs.append(Job(index, rel, src, dst, size_or_zero(src)))
@@ -211,7 +197,7 @@ def dry_run(src_dir: str, dst_dir: str, options: BatchOptions) -> list[tuple[str
     options.validate()
     check_folders(src_dir, dst_dir)
     result = BatchResult(src_dir, dst_dir, options)
-    jobs, others, _ = plan_work(src_dir, dst_dir, options, result)
+    jobs, others, _ = plan_work(src_dir, dst_dir, options, result, Manifest(dst_dir))
     rows = [("skip", m.source, "up to date") for m in result.models]
     for job in jobs:
         try:

@@ -46,9 +46,14 @@ class ModelResult:
     data_files: list[str] = field(default_factory=list)
     #: what the conversion warned about (the input already failing the checker, ...)
     warnings: list[str] = field(default_factory=list)
+    #: identity of the source and its data files as the job read them (for the
+    #: manifest; not part of the report)
+    inputs: dict[str, Any] | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        row = asdict(self)
+        del row["inputs"]
+        return row
 
 
 @dataclass(frozen=True)
@@ -115,7 +120,7 @@ def error_text(error: BaseException) -> str:
         text = f"{type(error).__name__}: {error}"
     return " ".join(text.split())
 
-REPORT_FIELDS = tuple(f.name for f in fields(ModelResult))
+REPORT_FIELDS = tuple(f.name for f in fields(ModelResult) if f.name != "inputs")
 
 
 def write_report(path: str | os.PathLike[str], result: BatchResult) -> None:

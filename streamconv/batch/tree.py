@@ -16,9 +16,10 @@ from ..publish import (
 )
 from .executors import LocalPool
 from .job import copy_others
+from .manifest import Manifest
 from .options import BatchOptions
 from .plan import check_folders, plan_work, posix_join
-from .report import BatchProgress, BatchResult, ModelResult
+from .report import AT_TARGET, CONVERTED, BatchProgress, BatchResult, ModelResult
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +53,19 @@ def convert_tree(
     check_folders(src_dir, dst_dir)
     result = BatchResult(src_dir, dst_dir, options)
     workdir = None
+    manifest: Manifest | None = None
     try:
-        jobs, others, produced = plan_work(src_dir, dst_dir, options, result)
+        manifest = Manifest(dst_dir, fsync=options.fsync)
+        jobs, others, produced = plan_work(src_dir, dst_dir, options, result, manifest)
         try:
             os.makedirs(dst_dir, exist_ok=True)
         except OSError as e:
             raise OutputError(f"cannot create DST_DIR {dst_dir}: {e.strerror}") from e
         sweep_stale(dst_dir)
+        # before any output is redone its entry leaves the file on disk: a batch
+        # killed from here on cannot leave an entry describing bytes no longer there
+        manifest.forget([j.rel for j in jobs])
+        by_rel = {j.rel: j for j in jobs}
         sizes = {j.rel: j.size for j in jobs}
         total = sum(sizes.values())
         finished = {"models": 0, "bytes": 0}
@@ -75,6 +82,13 @@ def convert_tree(
             produced.update(posix_join(os.path.dirname(model.source), f)
                             for f in model.data_files)
             log.debug("%s: %s %s", model.source, model.status, model.error or "")
+            if model.status in (CONVERTED, AT_TARGET) and manifest is not None:
+                manifest.record(model.source, by_rel[model.source].dst, model.inputs, options, {
+                    "status": model.status, "action": model.action,
+                    "opset_from": model.opset_from, "opset_to": model.opset_to,
+                    "tensors_diverted": model.tensors_diverted, "bytes_out": model.bytes_out,
+                    "data_files": model.data_files,
+                })
             on_progress(partial, model)
 
         on_progress(0)
@@ -91,6 +105,11 @@ def convert_tree(
     finally:
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
+        if manifest is not None and os.path.isdir(dst_dir):
+            try:
+                manifest.save()
+            except OSError as e:  # only costs the next run a redo of these models
+                log.warning("cannot write %s: %s", manifest.path, e.strerror)
         result.models.sort(key=lambda m: m.source)
         result.seconds = time.perf_counter() - started
     return result
