@@ -24,7 +24,7 @@ from ..skeleton import build_skeleton
 from .manifest import file_identity, input_identity
 from .options import BatchOptions
 from .parity import verify_parity
-from .plan import Job, Probe, probe_model, size_or_zero
+from .plan import Job, Probe, other_problem, probe_model, size_or_zero
 from .report import AT_TARGET, CONVERTED, FAILED, BatchResult, ModelResult, error_text
 
 log = logging.getLogger(__name__)
@@ -163,6 +163,10 @@ def copy_others(src_dir: str, dst_dir: str, others: Sequence[str], produced: set
             continue
         src = os.path.join(src_dir, *rel.split("/"))
         dst = os.path.join(dst_dir, *rel.split("/"))
+        problem = other_problem(src_dir, rel)
+        if problem is not None:
+            result.others_failed.append((rel, problem))
+            continue
         try:
             if not options.force and os.path.exists(dst) and \
                     os.stat(dst).st_mtime_ns >= os.stat(src).st_mtime_ns:

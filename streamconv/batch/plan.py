@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import onnx
 
+from ..api import open_input
 from ..converter import DEFAULT_DOMAINS
 from ..errors import StreamconvError, UsageError
 from ..publish import (
@@ -19,7 +21,7 @@ from ..scan import map_file
 from ..skeleton import build_skeleton, iter_stub_tensors, stub_id
 from .manifest import Manifest
 from .options import BatchOptions
-from .report import SKIPPED, BatchResult, ModelResult, error_text
+from .report import FAILED, SKIPPED, BatchResult, ModelResult, error_text
 
 
 def _matches(rel: str, pattern: str) -> bool:
@@ -100,10 +102,10 @@ def probe_model(path: str, threshold: int) -> Probe:
     External-data locations are listed as written (normalized); they are not
     checked here.  Raises StreamconvError for a file that is not a model.
     """
-    fd = os.open(path, os.O_RDONLY)
+    # non-blocking, regular files only: a FIFO named *.onnx must not hang a probe
+    fd, size = open_input(path)
     buf: Any = None
     try:
-        size = os.fstat(fd).st_size
         buf = map_file(fd, size)
         skeleton = build_skeleton(buf, size, path, threshold, for_conversion=False)
     finally:
@@ -165,6 +167,13 @@ def plan_work(src_dir: str, dst_dir: str, options: BatchOptions, result: BatchRe
         src = os.path.join(src_dir, *rel.split("/"))
         dst = os.path.join(dst_dir, *rel.split("/"))
         produced.add(rel)
+        problem = not_regular(src)
+        if problem is not None:
+            result.models.append(ModelResult(
+                source=rel, destination=rel, status=FAILED, action="convert",
+                opset_to=options.opset, error=problem,
+            ))
+            continue
         entry = None if options.force else manifest.fresh(rel, src, dst, options)
         if entry is not None:
             data = [posix_join(os.path.dirname(rel), f) for f in entry.get("data_files", [])]
@@ -178,11 +187,40 @@ def plan_work(src_dir: str, dst_dir: str, options: BatchOptions, result: BatchRe
             continue
         jobs.append(Job(index, rel, src, dst, size_or_zero(src)))
     if options.copy_other:
-        referenced = _referenced_data(src_dir, models, options.size_threshold)
+        readable = [m for m in models if not_regular(os.path.join(src_dir, *m.split("/"))) is None]
+        referenced = _referenced_data(src_dir, readable, options.size_threshold)
         others = [o for o in others if o not in referenced]
     else:
         others = []
     return jobs, others, produced
+
+
+_KINDS = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISDIR, "a folder"))
+
+
+def not_regular(path: str) -> str | None:
+    """Why *path* (symbolic links followed) is not a regular file to read, or None.
+
+    Only ``stat`` is called: nothing is opened, so a FIFO cannot block.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "not a regular file: a broken symbolic link"
+    except OSError as e:
+        return f"cannot be read: {e.strerror}"
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for test, name in _KINDS if test(mode)), "of an unknown kind")
+    return f"not a regular file: {kind}"
+
+
+def outside(path: str, root: str) -> bool:
+    """Whether *path* resolves (through symbolic links) to a place outside *root*."""
+    real_root = os.path.realpath(root)
+    return os.path.commonpath([real_root, os.path.realpath(path)]) != real_root
 
 
 def posix_join(folder: str, name: str) -> str:
@@ -198,7 +236,8 @@ def dry_run(src_dir: str, dst_dir: str, options: BatchOptions) -> list[tuple[str
     check_folders(src_dir, dst_dir)
     result = BatchResult(src_dir, dst_dir, options)
     jobs, others, _ = plan_work(src_dir, dst_dir, options, result, Manifest(dst_dir))
-    rows = [("skip", m.source, "up to date") for m in result.models]
+    rows = [("skip", m.source, "up to date") if m.status == SKIPPED
+            else ("fail", m.source, m.error or "") for m in result.models]
     for job in jobs:
         try:
             probe = probe_model(job.src, options.size_threshold)
@@ -212,5 +251,19 @@ def dry_run(src_dir: str, dst_dir: str, options: BatchOptions) -> list[tuple[str
             rows.append(("copy", job.rel, f"already at opset {probe.opset}{data}"))
         else:
             rows.append(("convert", job.rel, f"opset {probe.opset} -> {options.opset}{data}"))
-    rows += [("copy-other", rel, "") for rel in others]
+    for rel in others:
+        problem = other_problem(src_dir, rel)
+        rows.append(("fail", rel, problem) if problem else ("copy-other", rel, ""))
     return sorted(rows, key=lambda r: (r[0] == "copy-other", r[1]))
+
+
+def other_problem(src_dir: str, rel: str) -> str | None:
+    """Why the other file *rel* must not be copied, or None.
+
+    A symbolic link is followed only when it stays inside SRC_DIR: a link to
+    ``/etc/passwd`` must not publish that file below DST_DIR.
+    """
+    path = os.path.join(src_dir, *rel.split("/"))
+    if os.path.islink(path) and outside(path, src_dir):
+        return "a symbolic link to outside SRC_DIR; not followed"
+    return not_regular(path)
