@@ -275,6 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--copy-other", action="store_true",
                    help="also copy files that are neither models nor their external data")
     g.add_argument("--dry-run", action="store_true", help="list what would be done and stop")
+    g.add_argument("--scheduler", default=None, metavar="ADDRESS|local",
+                   help="run one Dask task per model on the cluster at ADDRESS "
+                   "(tcp://host:8786; default: $DASK_SCHEDULER_ADDRESS), or on a LocalCluster "
+                   "of --jobs processes for 'local'; workers must share SRC_DIR and DST_DIR "
+                   "(needs streamconv[dask])")
+    g.add_argument("--scheduler-file", default=None, metavar="FILE",
+                   help="the Dask scheduler file to connect to, instead of --scheduler"),
 
     p = sub.add_parser(
         "verify", prog="streamconv verify", parents=[_output_parent("every model's checks")],
@@ -359,6 +366,9 @@ def _batch_options(args: argparse.Namespace) -> Any:
         include=tuple(args.include), exclude=tuple(args.exclude), copy_other=args.copy_other,
         fsync=args.fsync, checksum=args.checksum, inline_functions=args.inline_functions,
         reuse_data=args.reuse_data, data_name=args.data_name,
+        scheduler=args.scheduler if args.scheduler is not None or args.scheduler_file
+        else os.environ.get("DASK_SCHEDULER_ADDRESS") or None,
+        scheduler_file=args.scheduler_file,
     )
     options.validate()
     return options
@@ -369,6 +379,10 @@ def _run_batch(args: argparse.Namespace) -> int:
 
     options = _batch_options(args)
     check_folders(args.src_dir, args.dst_dir)
+    if options.scheduler is not None or options.scheduler_file is not None:
+        # Dask logs every worker's start and stop at INFO; -v shows them
+        logging.getLogger("distributed").setLevel(
+            logging.DEBUG if args.verbose else logging.WARNING)
     if args.report is not None and not os.path.isdir(
             os.path.dirname(os.path.abspath(args.report))):
         raise UsageError(f"--report: folder of {args.report} does not exist")

@@ -9,7 +9,9 @@ The package reads like the design:
 - :mod:`.options` — how a batch runs, validated in one place;
 - :mod:`.plan` — finding the models and other files, what is up to date, the dry run;
 - :mod:`.job` — one job: convert or copy one model, publish it, return a record;
+- :mod:`.manifest` — what a batch wrote, so that a rerun redoes exactly what is out of date;
 - :mod:`.executors` — who runs the jobs: the local pool of worker processes;
+- :mod:`.dask_executor` — or a Dask cluster (``--scheduler``), one task per model;
 - :mod:`.parity` — ``--verify``, the ORT check of original against result;
 - :mod:`.report` — per-model results, JSON/CSV report, the summary;
 - :mod:`.tree` — the batch itself: plan, run the jobs, copy the other files.

@@ -34,6 +34,11 @@ class BatchOptions:
     #: data-file name for each output, ``{name}`` (the model's file name) or ``{stem}``
     #: (without ``.onnx``) filled in; None: ``<model>.data``
     data_name: str | None = None
+    #: run the jobs on a Dask cluster: a scheduler address, or "local" for a
+    #: LocalCluster of ``jobs`` worker processes; None: the local pool
+    scheduler: str | None = None
+    #: a Dask scheduler file, instead of *scheduler*
+    scheduler_file: str | None = None
 
     def validate(self) -> None:
         """Raise UsageError naming the first invalid option."""
@@ -63,10 +68,20 @@ class BatchOptions:
             except (KeyError, IndexError, ValueError) as e:
                 raise UsageError(f"--data-name {self.data_name!r}: only {{name}} and "
                                  f"{{stem}} may be filled in ({e})") from e
+        if self.scheduler is not None and self.scheduler_file is not None:
+            raise UsageError("--scheduler and --scheduler-file exclude each other")
+        if self.scheduler == "":
+            raise UsageError("--scheduler needs an address (tcp://host:8786) or 'local'")
+        if (self.scheduler or self.scheduler_file) and not _have("distributed"):
+            raise UsageError("--scheduler needs Dask distributed: pip install 'streamconv[dask]'")
         if self.verify and not _have_onnxruntime():
             raise UsageError("--verify needs onnxruntime (pip install onnxruntime)")
 
-def _have_onnxruntime() -> bool:
+def _have(module: str) -> bool:
     import importlib.util
 
-    return importlib.util.find_spec("onnxruntime") is not None
+    return importlib.util.find_spec(module) is not None
+
+
+def _have_onnxruntime() -> bool:
+    return _have("onnxruntime")

@@ -92,7 +92,11 @@ def convert_tree(
             on_progress(partial, model)
 
         on_progress(0)
-        if jobs:
+        if jobs and (options.scheduler is not None or options.scheduler_file is not None):
+            from .dask_executor import DaskExecutor
+
+            DaskExecutor(options, on_result).run(jobs)
+        elif jobs:
             workdir = tempfile.mkdtemp(prefix="streamconv-batch-")
             pool = LocalPool(options, dst_dir, workdir, on_result, on_progress)
             pool.run(jobs)
