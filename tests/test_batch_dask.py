@@ -30,6 +30,19 @@ from tests.test_batch import inject_faults, leftovers_below
 
 distributed = pytest.importorskip("distributed")
 
+@pytest.fixture(autouse=True)
+def no_resource_tracker_left() -> Iterator[None]:
+    """A LocalCluster's worker processes leave multiprocessing's resource tracker
+    running as a child of this process; stop it, as other tests check that this
+    process has no children left."""
+    yield
+    import multiprocessing.resource_tracker as tracker
+
+    stop = getattr(tracker._resource_tracker, "_stop", None)
+    if stop is not None:
+        stop()
+
+
 NODE_CASES = ["test_abs", "test_if", "test_squeeze", "test_slice", "test_top_k"]
 
 
