@@ -223,3 +223,61 @@ def test_without_distributed_or_with_bad_options(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr == "streamconv: error: --scheduler needs Dask distributed: " \
         "pip install 'streamconv[dask]'\n"
+
+
+def test_tasks_are_sized_by_skeleton_and_nodes(tree: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from onnx import helper
+
+    from streamconv.batch.dask_executor import BASE_MEMORY, memory_estimate
+    from streamconv.batch.plan import Job
+    from streamconv.cli import main as cli_main
+
+    big = tree / "big" / "big.onnx"
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4])
+    nodes = [helper.make_node("Relu", [f"v{i}"], [f"v{i + 1}"]) for i in range(3000)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(
+        "v0", onnx.TensorProto.FLOAT, [4])], [helper.make_tensor_value_info(
+            "v3000", onnx.TensorProto.FLOAT, [4])])
+    del x
+    wide = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)]),
+                tmp_path / "wide.onnx")
+    options = BatchOptions(opset=13)
+
+    def estimate(path: Path) -> int:
+        return memory_estimate(Job(0, path.name, str(path), "", path.stat().st_size), options)
+
+    # 260 MiB of weights weigh nothing (they are streamed); 3000 nodes do
+    assert BASE_MEMORY <= estimate(big) < BASE_MEMORY + (1 << 20) < estimate(Path(wide))
+    assert os.path.getsize(wide) < big.stat().st_size
+    # --scheduler local declares each worker's MEMORY, so the tasks claim their estimate
+    src = tmp_path / "src"
+    src.mkdir()
+    os.replace(wide, src / "wide.onnx")
+    assert cli_main(["batch", str(src), str(tmp_path / "out"), "--opset", "13",
+                     "--scheduler", "local", "--jobs", "1", "--json"]) == 0
+    import json
+
+    assert json.loads(capsys.readouterr().out)["counts"]["converted"] == 1
+
+
+def test_ctrl_c_cancels_and_leaves_no_partial_output(
+    tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inject_faults(monkeypatch, tmp_path, crash="", hang="hang/hang.onnx")
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamconv", "batch", str(tree), str(out), "--opset", "13",
+         "--scheduler", "local", "--jobs", "2", "--include", "hang/*", "--include", "ext/*",
+         "-q"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list((out / "hang").glob(".streamconv-*")) if (out / "hang").exists() else True:
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, "the hanging model never started"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert not (out / "hang" / "hang.onnx").exists()
+    assert leftovers_below(out) == []

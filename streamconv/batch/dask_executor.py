@@ -35,6 +35,20 @@ __all__ = ["DaskExecutor", "run_isolated"]
 
 #: Times Dask may rerun a task whose worker was lost, before the model fails.
 RETRIES = 1
+#: The Dask resource a task claims, in bytes, when every worker declares it
+#: (``dask worker --resources MEMORY=8e9``; ``--scheduler local`` declares each
+#: worker's share of the machine's memory).
+MEMORY = "MEMORY"
+#: Memory of a conversion before its model counts: interpreter, onnx, numpy and the
+#: copy process (measured about 55 MB each; rounded up).
+BASE_MEMORY = 256 << 20
+#: Memory per skeleton byte and per node while onnx converts and checks the skeleton
+#: (the benchmark measured about 6 KB per node on graph-heavy models; with margin).
+PER_SKELETON_BYTE = 16
+PER_NODE = 16 << 10
+#: How long the batch waits for a cancelled local task's child to end before it
+#: removes the child's staging folder.
+_SWEEP_SECONDS = 5.0
 
 #: What a task's child runs: ``python -c _CHILD_BOOT <sys.path>``, (job, options)
 #: pickled on stdin, the ModelResult pickled on stdout.
@@ -115,6 +129,44 @@ def run_isolated(job: Job, options: BatchOptions) -> ModelResult:
                    + (f"; last message: {lines[-1][:200]}" if lines else ""))
 
 
+def memory_estimate(job: Job, options: BatchOptions) -> int:
+    """Bytes a conversion of *job* may hold: driven by its skeleton and node count,
+    not the file size (payloads are streamed, never held)."""
+    from ..skeleton import _all_node_lists
+    from .plan import probe_model
+
+    try:
+        model = probe_model(job.src, options.size_threshold).model
+    except Exception:  # the job itself reports an unreadable model
+        return BASE_MEMORY
+    nodes = sum(len(container.node) for container in _all_node_lists(model))
+    return BASE_MEMORY + PER_SKELETON_BYTE * model.ByteSize() + PER_NODE * nodes
+
+
+def _declared_memory(client: Any) -> int | None:
+    """The smallest MEMORY resource the workers declare, or None if one declares none."""
+    workers = client.scheduler_info().get("workers", {}).values()
+    amounts = [w.get("resources", {}).get(MEMORY) for w in workers]
+    if not amounts or any(a is None for a in amounts):
+        return None
+    return int(min(amounts))
+
+
+def _sweep(folders: set[str]) -> None:
+    """Remove the staging folders that cancelled tasks' children left, once they end."""
+    deadline = time.monotonic() + _SWEEP_SECONDS
+    pending = set(folders)
+    while pending:
+        for folder in list(pending):
+            sweep_stale(folder)
+            with contextlib.suppress(OSError):
+                if not any(n.startswith(".streamconv-") for n in os.listdir(folder)):
+                    pending.discard(folder)
+        if not pending or time.monotonic() > deadline:
+            return
+        time.sleep(0.1)
+
+
 def _import_distributed() -> Any:
     try:
         import distributed
@@ -137,9 +189,12 @@ class DaskExecutor:
         options = self.options
         cluster = None
         if options.scheduler == "local":
+            import psutil  # a dependency of distributed
+
             cluster = distributed.LocalCluster(
                 n_workers=options.jobs, threads_per_worker=1, processes=True,
                 host="127.0.0.1", dashboard_address=None,
+                resources={MEMORY: psutil.virtual_memory().total // options.jobs},
             )
             client = distributed.Client(cluster)
         elif options.scheduler_file is not None:
@@ -147,15 +202,24 @@ class DaskExecutor:
         else:
             client = distributed.Client(options.scheduler)
         futures: dict[Any, Job] = {}
+        running: dict[str, Job] = {}
         try:
+            # a task claims memory only where every worker declares how much it has,
+            # and never more than the smallest has (or it would never run)
+            declared = _declared_memory(client)
             for job in jobs:
+                extra: dict[str, Any] = {}
+                if declared is not None:
+                    extra["resources"] = {MEMORY: min(memory_estimate(job, options), declared)}
                 # largest first, as the local pool does; retries cover a lost worker
-                future = client.submit(run_isolated, job, options, pure=False,
-                                       retries=RETRIES, priority=job.size,
-                                       key=f"streamconv-{job.index}-{os.getpid()}-{time.time_ns()}")
+                key = f"streamconv-{job.index}-{os.getpid()}-{time.time_ns()}"
+                future = client.submit(run_isolated, job, options, pure=False, key=key,
+                                       retries=RETRIES, priority=job.size, **extra)
                 futures[future] = job
+                running[key] = job
             for future in distributed.as_completed(futures):
                 job = futures[future]
+                running.pop(future.key, None)
                 try:
                     result = future.result()
                 except distributed.KilledWorker:
@@ -167,8 +231,9 @@ class DaskExecutor:
                                      f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
                 self.on_result(result, 0)
         except BaseException:
-            # Ctrl-C, SIGTERM: nothing more starts; a running task's child is
-            # killed with its task, and unpublished staging folders are swept.
+            # Ctrl-C, SIGTERM: nothing more starts.  A running task finishes its
+            # atomic publish on a remote cluster; on a LocalCluster its child dies
+            # with the worker and its staging folder is removed below.
             with contextlib.suppress(Exception):
                 client.cancel(list(futures), force=True)
             raise
@@ -178,3 +243,4 @@ class DaskExecutor:
             if cluster is not None:
                 with contextlib.suppress(Exception):
                     cluster.close()
+                _sweep({os.path.dirname(j.dst) for j in running.values()})
