@@ -280,4 +280,4 @@ def test_ctrl_c_cancels_and_leaves_no_partial_output(
     assert proc.returncode == 130, stderr[-2000:]
     assert "interrupted" in stderr and "Traceback" not in stderr
     assert not (out / "hang" / "hang.onnx").exists()
-    assert leftovers_below(out) == []
+    assert leftovers_below(out) == [], stderr[-2000:]

@@ -48,7 +48,7 @@ PER_SKELETON_BYTE = 16
 PER_NODE = 16 << 10
 #: How long the batch waits for a cancelled local task's child to end before it
 #: removes the child's staging folder.
-_SWEEP_SECONDS = 5.0
+_SWEEP_SECONDS = 30.0
 
 #: What a task's child runs: ``python -c _CHILD_BOOT <sys.path>``, (job, options)
 #: pickled on stdin, the ModelResult pickled on stdout.
