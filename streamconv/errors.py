@@ -10,11 +10,13 @@ from __future__ import annotations
 __all__ = [
     "ConversionError",
     "ExternalDataError",
+    "Interrupted",
     "LimitError",
     "OutputError",
     "StreamconvError",
     "UsageError",
     "WireFormatError",
+    "one_line",
 ]
 
 
@@ -81,3 +83,21 @@ class OutputError(StreamconvError):
 
 class UsageError(StreamconvError):
     """An option or argument is invalid."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived; ``signum`` is the signal's number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def one_line(text: str) -> str:
+    """*text* with control characters (newlines included) escaped, so it prints as one line.
+
+    Names and strings come from the model and may hold anything.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -13,12 +13,10 @@ counted.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import re
-import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +25,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from .api import open_input
-from .errors import ExternalDataError, StreamconvError
+from .errors import ExternalDataError, StreamconvError, one_line
 from .scan import map_file
 from .skeleton import (
     MARKER,
@@ -43,13 +41,8 @@ __all__ = [
     "VerifyReport",
     "iter_tensors",
     "one_line",
-    "run_verify",
     "verify_model",
 ]
-
-EXIT_OK = 0
-EXIT_PROBLEMS = 1
-EXIT_UNREADABLE = 2
 
 #: Inline payloads above this many bytes stay in the file while the model is read.
 SCAN_THRESHOLD = 1024
@@ -92,16 +85,6 @@ class TensorCheck:
         if self.problem is None:
             return one_line(f"ok       {label}: {where}, checksum {self.checksum}")
         return one_line(f"PROBLEM  {label}: {where}: {self.problem}")
-
-
-def one_line(text: str) -> str:
-    """*text* with control characters (newlines included) escaped, so it prints as one line.
-
-    Names and strings come from the model and may hold anything.
-    """
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 @dataclass
@@ -380,55 +363,3 @@ def _check_one(
     if actual != expected.lower():
         return result("mismatch", f"checksum mismatch: recorded {expected}, data has {actual}")
     return result("ok", None)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:  # one line and exit 2, like every usage error
-        sys.stderr.write(f"streamconv: error: verify: {message}\n")
-        sys.exit(EXIT_UNREADABLE)
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="streamconv verify",
-        description="Check every external-data reference of ONNX models without loading "
-        "their weights: file present, inside the model's folder, offset + length within the "
-        "file, length = dims x element size, and the SHA-1 checksum where one is recorded. "
-        "Exit 0 when all are sound, 1 when a problem was found, 2 when a model is unreadable.",
-    )
-    p.add_argument("models", nargs="+", metavar="MODEL", help="model files (.onnx)")
-    p.add_argument("--no-checksum", dest="checksums", action="store_false",
-                   help="do not hash the data (no data byte is read)")
-    p.add_argument("-q", "--quiet", action="store_true",
-                   help="print only problems and the summary")
-    return p
-
-
-def run_verify(argv: Sequence[str]) -> int:
-    """Run ``streamconv verify``; return 0 (all sound), 1 (problems) or 2 (unreadable).
-
-    Prints one line per external tensor and a summary per model on stdout;
-    a model that cannot be read gets one ``streamconv: error:`` line on stderr.
-    """
-    from .cli import progress_bar
-
-    args = _parser().parse_args(list(argv))
-    status = EXIT_OK
-    for model in args.models:
-        bar, update = progress_bar(args.quiet, "hashing")
-        try:
-            report = verify_model(model, checksums=args.checksums, progress=update)
-        except StreamconvError as e:
-            print(one_line(f"streamconv: error: {e}"), file=sys.stderr)
-            status = EXIT_UNREADABLE
-            continue
-        finally:
-            if bar is not None:
-                bar.close()
-        for check in report.tensors:
-            if not (args.quiet and check.ok):
-                print(check.describe())
-        print(one_line(report.summary()))
-        if not report.ok and status == EXIT_OK:
-            status = EXIT_PROBLEMS
-    return status

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -25,18 +26,76 @@ from streamconv.batch import (
     CONVERTED,
     FAILED,
     SKIPPED,
-    TEST_CRASH_ENV,
-    TEST_HANG_ENV,
     BatchOptions,
     BatchResult,
     Parity,
     convert_tree,
     find_files,
-    run_batch,
     verify_parity,
 )
+from streamconv.batch.manifest import MANIFEST
+from streamconv.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+# Loaded as sitecustomize by the batch's worker processes (the test process itself has
+# started already): while converting a model whose source path matches FAULT_CRASH
+# (FAULT_HANG), the worker aborts (sleeps far past any time limit) with its output
+# half written: from the first progress report of the conversion, or just before
+# its publish when the model is too small to report progress.
+FAULT_SITE = textwrap.dedent("""
+    import fnmatch, os, time
+    import streamconv.api
+
+    _real = streamconv.api.convert
+
+    def _matches(src, pattern):
+        return bool(pattern) and (fnmatch.fnmatch(src, pattern)
+                                  or fnmatch.fnmatch(src, "*/" + pattern))
+
+    def _fire(src):
+        if _matches(src, os.environ.get("FAULT_CRASH", "")):
+            import resource
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file
+            os.abort()
+        if _matches(src, os.environ.get("FAULT_HANG", "")):
+            time.sleep(3600)
+
+    def convert(src, dst, **kwargs):
+        progress, before = kwargs.get("progress"), kwargs.get("before_publish")
+
+        def on_progress(done, total):
+            if progress is not None:
+                progress(done, total)
+            _fire(os.fspath(src))
+
+        def on_publish(staged):
+            _fire(os.fspath(src))
+            if before is not None:
+                before(staged)
+
+        kwargs.update(progress=on_progress, before_publish=on_publish)
+        return _real(src, dst, **kwargs)
+
+    streamconv.api.convert = convert
+""")
+
+
+def inject_faults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, *, crash: str,
+                  hang: str) -> None:
+    """Make the batch's workers crash on models matching *crash*, hang on *hang*."""
+    site = tmp_path / "fault-site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(FAULT_SITE)
+    monkeypatch.setenv("PYTHONPATH", f"{site}{os.pathsep}{ROOT}")
+    monkeypatch.setenv("FAULT_CRASH", crash)
+    monkeypatch.setenv("FAULT_HANG", hang)
+
+
+def run_batch(argv: list[str]) -> int:
+    """``streamconv batch ARGV`` in this process; its exit code."""
+    return cli_main(["batch", *argv])
 
 #: Node cases picked for variety: upgrades, downgrades, control flow, sequences, models at
 #: opset 13 and 18, models onnx cannot convert, models whose conversion fails onnx.checker,
@@ -206,8 +265,8 @@ def test_crashed_and_hung_workers_fail_only_their_model(
 ) -> None:
     out, report = tmp_path / "out", tmp_path / "report.json"
     crash, hang = "node/test_if/model.onnx", "pytorch-converted/test_AvgPool1d/model.onnx"
-    monkeypatch.setenv(TEST_CRASH_ENV, "node/test_if/*")
-    monkeypatch.setenv(TEST_HANG_ENV, "pytorch-converted/test_AvgPool1d/*")
+    inject_faults(monkeypatch, tmp_path, crash="node/test_if/*",
+                  hang="pytorch-converted/test_AvgPool1d/*")
     started = time.monotonic()
     code = run_batch([str(zoo), str(out), "--opset", "18", "--jobs", "2", "--timeout", "3",
                       "--report", str(report), "-q"])
@@ -226,8 +285,7 @@ def test_crashed_and_hung_workers_fail_only_their_model(
     assert leftovers_below(out) == []
 
     # The rerun picks up exactly the two that failed this way.
-    monkeypatch.delenv(TEST_CRASH_ENV)
-    monkeypatch.delenv(TEST_HANG_ENV)
+    monkeypatch.delenv("PYTHONPATH")
     rerun = by_source(convert_tree(zoo, out, BatchOptions(opset=18, jobs=2)))
     assert rerun[crash].status == CONVERTED and rerun[hang].status == CONVERTED
     redone = {rel for rel, m in rerun.items() if m.status in (CONVERTED, AT_TARGET)}
@@ -258,13 +316,12 @@ def test_killed_worker_takes_its_copy_process_along(
     src.mkdir()
     for name in ("crash", "hang", "fine"):  # 48 MiB each: copied by a forked process
         write_big_model(src / f"{name}.onnx", n_tensors=4, tensor_mib=12, opset=11)
-    monkeypatch.setenv(TEST_CRASH_ENV, "crash.onnx")
-    monkeypatch.setenv(TEST_HANG_ENV, "hang.onnx")
+    inject_faults(monkeypatch, tmp_path, crash="crash.onnx", hang="hang.onnx")
     out = tmp_path / "out"
     code = run_batch([str(src), str(out), "--opset", "18", "--jobs", "2", "--timeout", "3",
                       "--layout", "external", "-q"])
     assert code == 1
-    assert sorted(os.listdir(out)) == ["fine.onnx", "fine.onnx.data"]
+    assert sorted(os.listdir(out)) == [MANIFEST, "fine.onnx", "fine.onnx.data"]
     deadline = time.monotonic() + 5
     while _copy_processes_of(out) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -314,9 +371,13 @@ def test_missing_data_file_makes_an_output_stale(tmp_path: Path) -> None:
     assert (out / "m.onnx.data").exists()
 
 
-def test_interrupt_leaves_no_partial_output(zoo: Path, tmp_path: Path) -> None:
+def test_interrupt_leaves_no_partial_output(
+    zoo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out, report = tmp_path / "out", tmp_path / "report.json"
-    env = {**os.environ, TEST_HANG_ENV: "light/*", "PYTHONPATH": str(ROOT)}
+    inject_faults(monkeypatch, tmp_path, crash="", hang="light/*")
+    env = dict(os.environ)
+    monkeypatch.delenv("PYTHONPATH")  # the rerun below runs without the fault
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamconv", "batch", str(zoo), str(out), "--opset", "13",
          "--jobs", "2", "--include", "light/*", "--report", str(report), "-q"],
@@ -325,7 +386,10 @@ def test_interrupt_leaves_no_partial_output(zoo: Path, tmp_path: Path) -> None:
     # Wait until both workers sit on a half-written output.
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        staged = [p for p in out.glob("**/.streamconv-*/*")] if out.exists() else []
+        try:  # staging folders come and go while the tree is walked
+            staged = [p for p in out.glob("**/.streamconv-*/*")] if out.exists() else []
+        except FileNotFoundError:
+            staged = []
         if len(staged) >= 2:
             break
         time.sleep(0.05)
@@ -404,9 +468,10 @@ def test_verify_mismatch_fails_the_model_and_publishes_nothing(
     src, out = tmp_path / "m.onnx", tmp_path / "out"
     onnx.save(small_model(11), str(src))
     out.mkdir()
-    monkeypatch.setattr(batch, "verify_parity", lambda a, b: Parity(False, "output 'Y' differs"))
-    job = batch._Job(0, "m.onnx", str(src), str(out / "m.onnx"), src.stat().st_size)
-    result = batch._run_job(job, BatchOptions(opset=17, verify=True), lambda n: None)
+    monkeypatch.setattr(batch.job, "verify_parity",
+                        lambda a, b: Parity(False, "output 'Y' differs"))
+    job = batch.plan.Job(0, "m.onnx", str(src), str(out / "m.onnx"), src.stat().st_size)
+    result = batch.job.run_job(job, BatchOptions(opset=17, verify=True), lambda n: None)
     assert result.status == FAILED and result.error == "--verify: output 'Y' differs"
     assert list(out.iterdir()) == []
 
@@ -493,10 +558,10 @@ def test_summary_and_csv_report(zoo: Path, tmp_path: Path,
 
 
 def test_glob_matching() -> None:
-    assert batch._matches("node/test_abs/model.onnx", "test_abs")
-    assert batch._matches("node/test_abs/model.onnx", "node/*")
-    assert not batch._matches("node/test_abs/model.onnx", "test_ab")
-    assert not batch._matches("node/test_abs/model.onnx", "light/*")
-    assert batch._selected("a/b.onnx", (), ())
-    assert not batch._selected("a/b.onnx", ("c*",), ())
-    assert not batch._selected("a/b.onnx", (), ("a",))
+    assert batch.plan._matches("node/test_abs/model.onnx", "test_abs")
+    assert batch.plan._matches("node/test_abs/model.onnx", "node/*")
+    assert not batch.plan._matches("node/test_abs/model.onnx", "test_ab")
+    assert not batch.plan._matches("node/test_abs/model.onnx", "light/*")
+    assert batch.plan._selected("a/b.onnx", (), ())
+    assert not batch.plan._selected("a/b.onnx", ("c*",), ())
+    assert not batch.plan._selected("a/b.onnx", (), ("a",))

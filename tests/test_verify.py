@@ -26,7 +26,7 @@ from fixtures import small_models  # noqa: E402
 from streamconv import convert  # noqa: E402
 from streamconv.cli import main as cli_main  # noqa: E402
 from streamconv.errors import StreamconvError, WireFormatError  # noqa: E402
-from streamconv.verify import iter_tensors, one_line, run_verify, verify_model  # noqa: E402
+from streamconv.verify import iter_tensors, one_line, verify_model  # noqa: E402
 
 
 def run(*argv: str) -> tuple[int, str, str]:
@@ -278,9 +278,9 @@ def test_missing_model_and_folder(tmp_path: Path) -> None:
 
 def test_usage_error_is_one_line() -> None:
     err = io.StringIO()
-    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_info:
-        run_verify([])
-    assert exit_info.value.code == 2
+    with contextlib.redirect_stderr(err):
+        code = cli_main(["verify"])
+    assert code == 2
     assert err.getvalue().count("\n") == 1 and err.getvalue().startswith("streamconv: error:")
 
 
