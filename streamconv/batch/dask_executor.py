@@ -49,6 +49,9 @@ PER_NODE = 16 << 10
 #: How long the batch waits for a cancelled local task's child to end before it
 #: removes the child's staging folder.
 _SWEEP_SECONDS = 30.0
+#: after a batch, how long staging folders still owned (a lost task's child that is
+#: still dying) are waited for; another live batch's folders are never removed
+_LOST_SWEEP_SECONDS = 5.0
 
 #: What a task's child runs: ``python -c _CHILD_BOOT <sys.path>``, (job, options)
 #: pickled on stdin, the ModelResult pickled on stdout.
@@ -152,9 +155,10 @@ def _declared_memory(client: Any) -> int | None:
     return int(min(amounts))
 
 
-def _sweep(folders: set[str]) -> None:
-    """Remove the staging folders that cancelled tasks' children left, once they end."""
-    deadline = time.monotonic() + _SWEEP_SECONDS
+def _sweep(folders: set[str], seconds: float = _SWEEP_SECONDS) -> None:
+    """Remove the staging folders that cancelled or lost tasks' children left, once
+    they end (waiting at most *seconds* for staging folders still owned)."""
+    deadline = time.monotonic() + seconds
     pending = set(folders)
     while pending:
         for folder in list(pending):
@@ -230,6 +234,9 @@ class DaskExecutor:
                     result = _failed(job, options, 0.0, f"Dask task failed: "
                                      f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
                 self.on_result(result, 0)
+            # a worker lost mid-task (retried elsewhere) leaves its child's staging
+            # folder until that child has died; remove it once it has
+            _sweep({os.path.dirname(j.dst) for j in jobs}, seconds=_LOST_SWEEP_SECONDS)
         except BaseException:
             # Ctrl-C, SIGTERM: nothing more starts.  A running task finishes its
             # atomic publish on a remote cluster; on a LocalCluster its child dies
