@@ -27,6 +27,7 @@ from typing import Any
 
 from ..errors import UsageError
 from ..publish import sweep_stale
+from .executors import exit_description
 from .options import BatchOptions
 from .plan import Job
 from .report import FAILED, ModelResult
@@ -117,14 +118,7 @@ def run_isolated(job: Job, options: BatchOptions) -> ModelResult:
         with contextlib.suppress(Exception):
             result: ModelResult = pickle.loads(out)
             return result
-    code = proc.returncode
-    if code < 0:
-        try:
-            how = f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            how = f"killed by signal {-code}"
-    else:
-        how = f"exited with code {code}"
+    how = exit_description(proc.returncode)
     lines = [line.strip() for line in err.decode("utf-8", "replace").splitlines() if line.strip()]
     sweep_stale(os.path.dirname(job.dst))  # the dead child's staging folder
     return _failed(job, options, time.monotonic() - started,

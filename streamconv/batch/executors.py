@@ -83,6 +83,16 @@ def _worker_main(fd: int) -> None:
 
         conn.send(("done", job.index, run_job(job, options, send_progress)))
 
+def exit_description(code: int | None) -> str:
+    """How a child process ended, from its return code, in words."""
+    if code is not None and code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
+
+
 class _Slot:
     """One worker process and the job it is on."""
 
@@ -169,14 +179,7 @@ class _Slot:
     def death(self) -> str:
         """Why the process ended, with the last line it wrote to stderr if any."""
         self.join(_JOIN_SECONDS)
-        code = self.proc.returncode
-        if code is not None and code < 0:
-            try:
-                how = f"killed by {signal.Signals(-code).name}"
-            except ValueError:
-                how = f"killed by signal {-code}"
-        else:
-            how = f"exited with code {code}"
+        how = exit_description(self.proc.returncode)
         try:
             with open(self.log_path, encoding="utf-8", errors="replace") as f:
                 lines = [line.strip() for line in f.read()[-4000:].splitlines() if line.strip()]
