@@ -14,9 +14,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from . import fields as F
-from .api import DEFAULT_THRESHOLD, open_input, reachable
+from .api import DEFAULT_THRESHOLD, mapped_input, reachable
 from .errors import StreamconvError
-from .scan import map_file
 from .skeleton import (
     Payload,
     _external_payload,
@@ -138,20 +137,13 @@ def inspect_model(
     or whose external-data references are unusable.
     """
     src = os.fspath(src)
-    fd, size = open_input(src)
-    buf: Any = None
-    try:
-        buf = map_file(fd, size)
+    with mapped_input(src) as (buf, size):
         try:
             # Threshold 0: every payload is set aside, so every byte is accounted for.
             data, payloads = scan_payloads(buf, size, src, 0)
             skeleton = analyze_skeleton(data, payloads, src, for_conversion=False)
         except StreamconvError as e:
             raise e.with_file(src) from e.__cause__
-    finally:
-        if buf is not None and hasattr(buf, "close"):
-            buf.close()
-        os.close(fd)
     model = skeleton.model
     base = os.path.dirname(os.path.abspath(src))
 

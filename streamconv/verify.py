@@ -18,15 +18,13 @@ import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import onnx
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from .api import open_input
+from .api import mapped_input
 from .errors import ExternalDataError, StreamconvError, one_line
-from .scan import map_file
 from .skeleton import (
     MARKER,
     Payload,
@@ -265,18 +263,11 @@ def verify_model(
     itself cannot be read; problems with references are reported, not raised.
     """
     model_path = os.fspath(path)
-    fd, size = open_input(model_path)
-    buf: Any = None
-    try:
-        buf = map_file(fd, size)
+    with mapped_input(model_path) as (buf, size):
         try:
             skeleton = build_skeleton(buf, size, model_path, SCAN_THRESHOLD, for_conversion=False)
         except StreamconvError as e:
             raise e.with_file(model_path) from e.__cause__
-    finally:
-        if buf is not None and hasattr(buf, "close"):
-            buf.close()
-        os.close(fd)
 
     report = VerifyReport(model=model_path)
     base = os.path.dirname(os.path.abspath(model_path))

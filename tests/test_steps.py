@@ -365,3 +365,25 @@ def test_axes_computed_at_run_time_are_refused() -> None:
     with pytest.raises(StepError, match=r"node 'sq' \(Squeeze, graph.node\[0\]\) has no "
                        r"equivalent below opset 13: axes 'axes' is computed at run time"):
         convert_down(model, 12)
+
+
+@pytest.mark.parametrize(("op", "attrs"), [
+    ("Flatten", {"axis": -1}), ("Flatten", {"axis": -3}), ("Concat", {"axis": -1}),
+    ("ArgMax", {"axis": -2}), ("Softmax", {"axis": -1}), ("ReduceSum", {"axes": [-1, 0]}),
+])
+def test_negative_axes_of_ops_onnx_adapts_at_11(op: str, attrs: dict[str, Any]) -> None:
+    """onnx's 11 -> 10 adapters keep a negative axis, which opset 10 rejects."""
+    inputs = ["x", "x"] if op == "Concat" else ["x"]
+    node = helper.make_node(op, inputs, ["y"], **attrs)
+    elem = TensorProto.INT64 if op == "ArgMax" else TensorProto.FLOAT
+    probe = model_of([node], [vi("x", shape=[2, 3, 4])], [], 11)
+    probe.graph.value_info.add().name = "y"
+    shape = [d.dim_value for d in onnx.shape_inference.infer_shapes(probe).graph.value_info[0]
+             .type.tensor_type.shape.dim]
+    model = model_of([node], [vi("x", shape=[2, 3, 4])], [vi("y", elem, shape)], 11)
+    for target in (10, 9):
+        converted = convert_down(model, target)
+        for a in converted.graph.node[0].attribute:
+            if a.name in ("axis", "axes"):
+                assert min([a.i] if a.name == "axis" else list(a.ints)) >= 0
+        same_numbers(model, converted, target)

@@ -19,8 +19,7 @@ _REDUCE = ("ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax
            "ReduceMin", "ReduceProd", "ReduceSum", "ReduceSumSquare")
 
 
-def _non_negative(node: onnx.NodeProto, ctx: StepContext, name: str,
-                  inclusive: bool = False) -> onnx.NodeProto:
+def _non_negative(node: onnx.NodeProto, ctx: StepContext, name: str) -> onnx.NodeProto:
     value = attribute(node, name)
     if value is None:
         return node
@@ -28,11 +27,7 @@ def _non_negative(node: onnx.NodeProto, ctx: StepContext, name: str,
     given = [value] if single else [int(v) for v in value]
     if not any(a < 0 for a in given):
         return node
-    rank = ctx.rank_of(node.input[0])
-    if inclusive and rank is not None:
-        rank += 1  # Flatten's axis may equal the rank: count in rank + 1 positions
-        given = [a - 1 if a < 0 else a for a in given]
-    axes = normalise(given, rank, name)
+    axes = normalise(given, ctx.rank_of(node.input[0]), name)
     out = onnx.NodeProto()
     out.CopyFrom(node)
     kept = [a for a in node.attribute if a.name != name]
@@ -54,22 +49,8 @@ def axis_op(node: onnx.NodeProto, ctx: StepContext) -> list[onnx.NodeProto]:
 
 @adapter("Flatten", 11)
 def flatten(node: onnx.NodeProto, ctx: StepContext) -> list[onnx.NodeProto]:
-    """Flatten's axis ranges over [-r, r]: -1 is r - 1."""
-    value = attribute(node, "axis")
-    if value is None or value >= 0:
-        return [node]
-    rank = ctx.rank_of(node.input[0])
-    if rank is None:
-        raise Refusal(f"axis {value} counts from the back, and the input's rank is unknown "
-                      "(opset 10 allows only non-negative axes)")
-    if value < -rank:
-        raise Refusal(f"axis {value} is out of range for rank {rank}")
-    out = onnx.NodeProto()
-    out.CopyFrom(node)
-    for a in out.attribute:
-        if a.name == "axis":
-            a.i = value + rank
-    return [out]
+    """Flatten's axis ranges over [-r, r]; a negative one is -r..-1, i.e. 0..r-1."""
+    return [_non_negative(node, ctx, "axis")]
 
 
 def _reduce(node: onnx.NodeProto, ctx: StepContext) -> list[onnx.NodeProto]:
