@@ -563,7 +563,8 @@ class _Job:
     ) -> None:
         fd = self._open_data(data_name)
         self.sidecar = SidecarWriter(payloads, fd, align=align, align_min=ALIGN_MIN,
-                                     checksum=checksum, progress=self.step)
+                                     checksum=checksum, progress=self.step,
+                                     writeback=self.fsync)
         self.total = self.sidecar.end
         self.sidecar.start()
 
@@ -574,7 +575,7 @@ class _Job:
         self.prefix = prefix
         self.total = prefix.header_size + prefix.length
         self.early = Background(self.model_fd, prefix.pieces, start=prefix.header_size,
-                                progress=self.step)
+                                progress=self.step, writeback=self.fsync)
         self.early.start()
 
     def _stop_early(self) -> None:
@@ -604,7 +605,8 @@ class _Job:
         self.early.finish()
         self.early = None
         try:
-            write_pieces(self.model_fd, [*tail.graph.pieces, *tail.model.pieces], self.step)
+            write_pieces(self.model_fd, [*tail.graph.pieces, *tail.model.pieces], self.step,
+                         writeback=self.fsync)
             header = prefix.header(graph_length)
             if os.pwrite(self.model_fd, header, 0) != len(header):
                 raise OSError(0, "short write")
@@ -638,7 +640,7 @@ class _Job:
             if plan.has_data:
                 assert plan.data_name is not None
                 data_fd = self._open_data(plan.data_name)
-            write_plan(plan, model_fd, data_fd, self.step, digests)
+            write_plan(plan, model_fd, data_fd, self.step, digests, writeback=self.fsync)
         finally:
             os.close(model_fd)
         if self.data_fd is not None:

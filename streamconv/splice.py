@@ -352,6 +352,7 @@ class SidecarWriter:
         align_min: int,
         checksum: bool,
         progress: Progress | None,
+        writeback: bool = False,
     ) -> None:
         self.offsets: dict[int, int] = {}
         self.digests: dict[int, str] = {}
@@ -365,7 +366,7 @@ class SidecarWriter:
         self.end = cursor
         ids = frozenset(self.offsets) if checksum else frozenset()
         self._background = Background(fd, _sidecar_pieces(placed, 0), digest_ids=ids,
-                                      progress=progress)
+                                      progress=progress, writeback=writeback)
 
     @property
     def mode(self) -> str:
@@ -395,11 +396,14 @@ def write_plan(
     data_fd: int | None,
     progress: Progress | None = None,
     digests: dict[int, str] | None = None,
+    *,
+    writeback: bool = False,
 ) -> None:
     """Write the planned model to *model_fd* and its sidecar to *data_fd*.
 
     *data_fd* is positioned at ``plan.sidecar_start``; *digests* holds the
-    checksums of payloads a SidecarWriter already wrote.  Raises OutputError
+    checksums of payloads a SidecarWriter already wrote; *writeback*: the
+    files will be fsynced (see :func:`streamconv.writer.start_writeback`).  Raises OutputError
     when writing fails (no space, I/O error) and ExternalDataError when a
     payload source is shorter than recorded.
     """
@@ -412,9 +416,10 @@ def write_plan(
             ids = frozenset(p.id for _, p in plan.sidecar) if wants_digest else frozenset()
             digests.update(write_pieces(
                 data_fd, _sidecar_pieces(plan.sidecar, plan.sidecar_start), report,
-                digest_ids=ids,
+                digest_ids=ids, writeback=writeback,
             ))
-        write_pieces(model_fd, _resolve_checksums(plan.model.pieces, digests), report)
+        write_pieces(model_fd, _resolve_checksums(plan.model.pieces, digests), report,
+                     writeback=writeback)
     except OSError as e:
         raise OutputError(f"writing the output failed: {e.strerror or e}") from e
 

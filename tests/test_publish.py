@@ -257,6 +257,61 @@ def test_files_and_folder_are_synced_around_the_renames(
     onnx.checker.check_model(str(dst), full_check=True)
 
 
+def _big_weights_model() -> onnx.ModelProto:
+    """Two 3 MiB weights and a small one: payloads past WRITEBACK_MIN, less than FORK_MIN."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(7)
+    weights = [numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), f"w{i}")
+               for i, n in enumerate((3 << 18, 3 << 18, 16))]
+    nodes = [helper.make_node("Add", ["x", "w0"], ["a"]),
+             helper.make_node("Add", ["a", "w1"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3 << 18])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3 << 18])], weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+@pytest.mark.parametrize("layout", ["external", "inline"])
+def test_synced_outputs_start_writeback_of_their_payloads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: str
+) -> None:
+    """A durable output asks for early writeback of every large payload it writes, only then."""
+    import streamconv.writer as writer
+
+    src = tmp_path / "in.onnx"
+    onnx.save(_big_weights_model(), str(src))
+    outputs = {}
+    for fsync in (True, False):
+        calls: list[tuple[str, int, int]] = []
+        real = writer.start_writeback
+
+        def spy(fd: int, offset: int, length: int, calls: list[Any] = calls,
+                real: Any = real) -> None:
+            calls.append((os.readlink(f"/proc/self/fd/{fd}"), offset, length))
+            real(fd, offset, length)
+
+        monkeypatch.setattr(writer, "start_writeback", spy)
+        dst = tmp_path / f"out-{fsync}.onnx"
+        convert(src, dst, opset=13, layout=layout, fsync=fsync)
+        monkeypatch.undo()
+        name = dst.name + ".data" if layout == "external" else dst.name
+        outputs[fsync] = [(dst / ".." / name).resolve().read_bytes(), dst.read_bytes()]
+        if not fsync:
+            assert calls == []
+            continue
+        # both 3 MiB payloads, in the staged file that became the output, nowhere else
+        assert len(calls) == 2, calls
+        assert {os.path.basename(path) for path, _, _ in calls} == {name}
+        assert all(length == 3 << 20 for _, _, length in calls)
+        size = os.path.getsize(tmp_path / name)
+        assert all(offset + length <= size for _, offset, length in calls)
+    # the only difference between the two is the data file's name recorded in the model
+    a, b = outputs[True], outputs[False]
+    assert a[0] == b[0] if layout == "external" else a[1] == b[1]
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
 def test_no_fsync_syncs_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src = tmp_path / "in.onnx"
