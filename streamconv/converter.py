@@ -633,6 +633,36 @@ def _with_bodies(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def _fill_attribute_defaults(model: onnx.ModelProto) -> None:
+    """Give every call of a model-local function the attribute defaults it does not set.
+
+    onnx's inliner substitutes only the attributes a call site sets: a
+    reference to an attribute left at the default of the function's
+    ``attribute_proto`` is dropped, leaving e.g. a Constant without a value.
+    Spelling the defaults out at each call site keeps what the function means.
+    """
+    defaults = {(f.domain, f.name): list(f.attribute_proto)
+                for f in model.functions if len(f.attribute_proto)}
+    if not defaults:
+        return
+
+    def visit(nodes: Iterable[onnx.NodeProto]) -> None:
+        for node in nodes:
+            given = {a.name for a in node.attribute}
+            for default in defaults.get((node.domain, node.op_type), ()):
+                if default.name not in given:
+                    node.attribute.append(default)
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    visit(attribute.g.node)
+                for graph in attribute.graphs:
+                    visit(graph.node)
+
+    visit(model.graph.node)
+    for function in model.functions:
+        visit(function.node)
+
+
 def convert_model(
     model: onnx.ModelProto, target: int, *, inline_functions: bool = False,
     strict_onnx: bool = False,
@@ -654,6 +684,7 @@ def convert_model(
         work = onnx.ModelProto()
         work.CopyFrom(model)
     if inline_functions and work.functions:
+        _fill_attribute_defaults(work)
         try:
             work = onnx.inliner.inline_local_functions(work)
         except Exception as e:

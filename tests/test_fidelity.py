@@ -106,6 +106,21 @@ def test_function_with_changing_reference_needs_inlining(tmp_path: Path) -> None
     np.testing.assert_array_equal(run(tmp_path / "out.onnx", {"X": x})[0], x[None])
 
 
+def test_inlined_function_keeps_its_attribute_defaults(tmp_path: Path) -> None:
+    """A call that leaves a tensor attribute at the function's default still gets the default.
+
+    (onnx's inliner alone drops it and leaves a Constant without a value.)
+    """
+    model, feeds = sm.function_model()
+    src = tmp_path / "in.onnx"
+    onnx.save(model, str(src))
+    out = convert_and_check(src, tmp_path / "out.onnx", 13, inline_functions=True)
+    assert not out.functions
+    assert all(n.domain in ("", "ai.onnx") for n in out.graph.node)
+    np.testing.assert_allclose(run(tmp_path / "out.onnx", feeds)[0], run(src, feeds)[0],
+                               rtol=1e-6)
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_training_info_kept_and_converted(tmp_path: Path, target: int) -> None:
     model, feeds = sm.training_info_model()
