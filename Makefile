@@ -13,7 +13,7 @@ all: test
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,dev,dask]'
+	$(PY) -m pip install --quiet -e '.[test,dev,dask,s3,http,test-remote]'
 	touch $(STAMP)
 
 install: $(STAMP)

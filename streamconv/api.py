@@ -26,9 +26,10 @@ from .splice import (
     plan_prefix,
     plan_tail,
     split_converted,
+    stream_plan,
     write_plan,
 )
-from .writer import Background, write_pieces
+from .writer import Background, stream_pieces, write_pieces
 
 __all__ = ["LAYOUTS", "Report", "convert", "roundtrip"]
 
@@ -64,6 +65,9 @@ class Report:
     warnings: list[str] = field(default_factory=list)
     #: ``[lowest, highest]`` opset the input converts to (with ``reach=True``)
     reachable: list[int] | None = None
+    #: for a remote input: bytes fetched from storage (skeleton and payloads), and requests
+    bytes_fetched: int | None = None
+    requests: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,7 +95,27 @@ def _validate_options(layout: str, size_threshold: int, align: int, data_name: s
             )
 
 
+def _is_url(path: str) -> bool:
+    """Whether *path* is a remote URL; imports the storage module only for ``://`` paths."""
+    if "://" not in path:
+        return False
+    from .storage import is_url
+
+    return is_url(path)
+
+
+def _local(path: str) -> str:
+    """*path* without a ``file://`` prefix."""
+    if "://" not in path:
+        return path
+    from .storage import local_path
+
+    return local_path(path)
+
+
 def _same_file(a: str, b: str) -> bool:
+    if _is_url(a) or _is_url(b):
+        return a == b
     try:
         return os.path.samefile(a, b)
     except OSError:
@@ -341,8 +365,15 @@ def convert(
     fsync: bool = True,
     progress: ProgressCallback | None = None,
     before_publish: Callable[[str], None] | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> Report:
     """Convert the ONNX model at *src* to ai.onnx *opset* and write it to *dst*.
+
+    *src* and *dst* may be fsspec URLs (``s3://``, ``gs://``, ``hf://``,
+    ``http(s)://``, ...; see :mod:`streamconv.storage`), opened with
+    *storage_options*: a remote input is read through ranged reads (the
+    skeleton's bytes, then one sequential stream of the payloads), a remote
+    output is uploaded and appears only when complete, its data object first.
 
     *opset* defaults to the newest opset the installed onnx knows.  *layout*
     is ``auto`` (inline under 2 GiB, else external data), ``inline`` or
@@ -373,37 +404,96 @@ def convert(
     output cannot be written.
     """
     started = time.perf_counter()
-    src, dst = os.fspath(src), os.fspath(dst)
+    src, dst = _local(os.fspath(src)), _local(os.fspath(dst))
     _validate_options(layout, size_threshold, align, data_name)
+    src_remote, dst_remote = _is_url(src), _is_url(dst)
     if reuse_data and layout == "inline":
         raise UsageError("--reuse-data needs --layout external or auto")
+    if reuse_data and (src_remote or dst_remote):
+        raise UsageError("--reuse-data needs a local input and output")
+    if before_publish is not None and dst_remote:
+        raise UsageError("a check before publishing (batch --verify) needs a local output",
+                         file=dst)
     if reuse_data:
         layout = "external"
     if data_name is None:
         data_name = os.path.basename(dst) + ".data"
     data_name = data_name.replace(os.sep, "/")
-    dst_data = os.path.join(os.path.dirname(os.path.abspath(dst)), data_name)
-    if os.path.exists(dst) and _same_file(src, dst):
-        raise UsageError("the output would overwrite the input", file=src)
-    if os.path.exists(dst_data) and _same_file(src, dst_data):
-        raise UsageError("the output's data file would overwrite the input", file=src)
     name = os.path.basename(dst)
     if os.path.normpath(data_name) == name:
         raise UsageError(f"--data-name {data_name!r} is the output's own name")
-    folder = os.path.dirname(os.path.abspath(dst))
-    if os.path.isdir(folder):  # a missing folder is reported when the output is created
-        # before any work; the publish checks again, with the names it ends up using
-        try:
-            check_destination(folder, [name, data_name] if layout == "external" else [name])
-        except OutputError as e:
-            raise e.with_file(dst) from None
+    job: _Job | _RemoteJob
+    if dst_remote:
+        from . import storage
 
-    job = _Job(dst, progress, fsync=fsync, before_publish=before_publish)
+        dst_data = storage.join(storage.parent(dst), data_name)
+        if src in (dst, dst_data):
+            raise UsageError("the output would overwrite the input", file=src)
+        job = _RemoteJob(dst, progress, storage_options)
+    else:
+        dst_data = os.path.join(os.path.dirname(os.path.abspath(dst)), data_name)
+        if os.path.exists(dst) and _same_file(src, dst):
+            raise UsageError("the output would overwrite the input", file=src)
+        if os.path.exists(dst_data) and _same_file(src, dst_data):
+            raise UsageError("the output's data file would overwrite the input", file=src)
+        folder = os.path.dirname(os.path.abspath(dst))
+        if os.path.isdir(folder):  # a missing folder is reported when the output is created
+            # before any work; the publish checks again, with the names it ends up using
+            try:
+                check_destination(folder, [name, data_name] if layout == "external" else [name])
+            except OutputError as e:
+                raise e.with_file(dst) from None
+        job = _Job(dst, progress, fsync=fsync, before_publish=before_publish)
     job.protect = [src]
+    fetched: list[Any] = []
+    with contextlib.ExitStack() as remotes:
+        if src_remote:
+            from . import storage
+
+            fetched = remotes.enter_context(storage.opened())
+        report = _convert_open(
+            src, dst, dst_data, job, storage_options, opset=opset, layout=layout,
+            size_threshold=size_threshold, data_name=data_name, align=align, check=check,
+            checksum=checksum, inline_functions=inline_functions, reuse_data=reuse_data,
+            strict_onnx=strict_onnx, reach=reach,
+        )
+    if fetched:
+        report.bytes_fetched = sum(r.stats.bytes for r in fetched)
+        report.requests = sum(r.stats.requests for r in fetched)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _open_model(src: str, storage_options: dict[str, Any] | None) -> tuple[Any, int, int | None]:
+    """The model at *src* for the scanner: ``(buffer, size, fd)`` (fd None for a URL)."""
+    if _is_url(src):
+        from . import storage
+
+        remote = storage.open_remote(src, storage_options)
+        if remote.size == 0:
+            raise WireFormatError("empty file, not an ONNX model", file=src)
+        return remote.scan_buffer(), remote.size, None
     fd, size = open_input(src)
-    buf: Any = None
     try:
-        buf = map_file(fd, size)
+        return map_file(fd, size), size, fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _convert_open(
+    src: str, dst: str, dst_data: str, job: _Job | _RemoteJob,
+    storage_options: dict[str, Any] | None, *, opset: int | None, layout: str,
+    size_threshold: int, data_name: str, align: int, check: bool, checksum: bool,
+    inline_functions: bool, reuse_data: bool, strict_onnx: bool, reach: bool,
+) -> Report:
+    """:func:`convert` once its options are checked and its output side is set up."""
+    buf, size, fd = _open_model(src, storage_options)
+    # payload bytes move early only between local files (see writer.Background)
+    copy_early = fd is not None and isinstance(job, _Job)
+    #: the inline output's weights-first prefix, when it is written after conversion
+    late: Prefix | None = None
+    try:
         try:
             data, payloads = scan_payloads(buf, size, src, size_threshold)
         except StreamconvError as e:
@@ -413,16 +503,24 @@ def convert(
         predicted = size + sum(p.nbytes - p.length for p in payloads.values())
         if layout == "external" or (layout == "auto" and predicted > INLINE_LIMIT + (1 << 20)):
             layout = "external"
-            job.start_sidecar(
+            if copy_early:
+                assert isinstance(job, _Job)
+                job.start_sidecar(
                 data_name, [p for p in payloads.values() if p.nbytes >= EARLY_MIN],
                 align=align, checksum=checksum,
             )
         else:
             # Inline: the graph's initializers go first, so their payloads can
             # move now too (see splice.plan_prefix).
+            # (without an early copy, the output is laid out the same way all the
+            # same: the same input gives the same bytes, wherever it is read)
             prefix = plan_prefix(data, payloads)
             if prefix is not None and prefix.payload_bytes >= EARLY_MIN:
-                job.start_prefix(os.path.basename(dst), prefix)
+                if copy_early:
+                    assert isinstance(job, _Job)
+                    job.start_prefix(os.path.basename(dst), prefix)
+                else:
+                    late = prefix
         converter = _load_onnx()
         target = (
             converter.validate_target(opset) if opset is not None else converter.max_opset()
@@ -431,13 +529,26 @@ def convert(
             skeleton = analyze_skeleton(data, payloads, src)
         except StreamconvError as e:
             raise e.with_file(src) from e.__cause__
-        job.protect += sorted({p.source for p in skeleton.payloads.values()})
-        for other in {p.source for p in skeleton.payloads.values()}:
+        sources = {p.source for p in skeleton.payloads.values()}
+        job.protect += sorted(sources)
+        for other in sources:
             for target_path in (dst, dst_data):
-                if os.path.exists(target_path) and _same_file(other, target_path):
+                if other == target_path or (
+                    not _is_url(target_path) and os.path.exists(target_path)
+                    and _same_file(other, target_path)
+                ):
                     raise UsageError(
                         f"the output would overwrite the input's data file {other}", file=src
                     )
+        if fd is None:
+            # the payload stream: planned now, its first reads overlap the conversion
+            from . import storage
+
+            spans: dict[str, list[tuple[int, int]]] = {}
+            for p in skeleton.payloads.values():
+                spans.setdefault(p.source, []).append((p.offset, p.length))
+            for url, ranges in spans.items():
+                storage.reader(url).expect(ranges)
         opset_from = converter.default_opset(skeleton.model)
         try:
             result = converter.convert_model(
@@ -454,14 +565,24 @@ def convert(
             reach_range = [low, high]
         skeleton_bytes = result.model.SerializeToString()
         if check:
-            _check(skeleton_bytes, skeleton, job.out.path, result.notes)
+            _check(skeleton_bytes, skeleton, job.scratch, result.notes)
         tail = None
-        if job.prefix is not None:
-            tail = _weights_first_tail(skeleton_bytes, result, skeleton, job.prefix, layout,
+        early_prefix = job.prefix if isinstance(job, _Job) else None
+        chosen = early_prefix or late
+        if chosen is not None:
+            tail = _weights_first_tail(skeleton_bytes, result, skeleton, chosen, layout,
                                        inline_functions)
-            if tail is None:
+            if tail is None and early_prefix is not None:
+                assert isinstance(job, _Job)
                 job.discard_prefix()
-        if tail is not None:
+        if tail is not None and late is not None:
+            graph_length = late.length + tail.graph.length
+            written = job.write_in_order(
+                [late.header(graph_length), *late.pieces, *tail.graph.pieces,
+                 *tail.model.pieces], os.path.basename(dst))
+            out_layout, has_data, reused = "inline", False, 0
+        elif tail is not None:
+            assert isinstance(job, _Job)
             written = job.write_weights_first(tail, os.path.basename(dst))
             out_layout, has_data, reused = "inline", False, 0
         else:
@@ -488,9 +609,9 @@ def convert(
         raise e.with_file(dst) from e.__cause__
     finally:
         job.close()
-        if buf is not None and hasattr(buf, "close"):
+        if fd is not None:
             buf.close()
-        os.close(fd)
+            os.close(fd)
     if reused:
         result.notes.append(f"{reused} tensor(s) reference the input's data files in place")
     return Report(
@@ -504,7 +625,7 @@ def convert(
         bytes_diverted=sum(p.nbytes for p in skeleton.payloads.values()),
         bytes_in=size,
         bytes_out=written,
-        seconds=time.perf_counter() - started,
+        seconds=0.0,
         check="onnx.checker.check_model(full_check=True)" if check else "skipped",
         warnings=result.notes,
         reachable=reach_range,
@@ -533,6 +654,11 @@ class _Job:
         self.early: Background | None = None
         self.done = 0
         self.total = 0
+
+    @property
+    def scratch(self) -> str:
+        """A local folder for the checker's scratch files."""
+        return self.out.path
 
     @property
     def out(self) -> Staging:
@@ -619,6 +745,20 @@ class _Job:
         self._publish(name)
         return self.total
 
+    def write_in_order(self, pieces: list[Any], name: str) -> int:
+        """Write the model *pieces* in one pass, then publish; return bytes written."""
+        self.total = sum(len(p) if isinstance(p, (bytes, bytearray)) else p.size
+                         for p in pieces)
+        fd = self._create(name, "the output")
+        try:
+            write_pieces(fd, pieces, self.step)
+        except OSError as e:
+            raise OutputError(f"writing the output failed: {e.strerror or e}") from e
+        finally:
+            os.close(fd)
+        self._publish(name)
+        return self.total
+
     def _publish(self, name: str, data: str | None = None) -> None:
         if self.before_publish is not None:
             self.before_publish(self.out.file(name))
@@ -666,6 +806,75 @@ class _Job:
             self.data_fd = None
         if self._out is not None:
             self._out.cleanup()
+
+
+class _RemoteJob:
+    """The output side of a conversion to a remote URL: uploads, completed together.
+
+    Nothing is copied early: the plan is streamed once, in order, into the
+    uploads (the data object first), completed only when every byte is written
+    (see :class:`streamconv.storage.RemoteTarget`).
+    """
+
+    prefix: Prefix | None = None
+    sidecar: SidecarWriter | None = None
+
+    def __init__(self, dst: str, progress: ProgressCallback | None,
+                 storage_options: dict[str, Any] | None) -> None:
+        from .storage import RemoteTarget
+
+        self.dst = dst
+        self.progress = progress
+        self.target = RemoteTarget(dst, storage_options)
+        self.target.check_writable()
+        self.protect: list[str] = []
+        self._scratch: str | None = None
+        self.done = 0
+        self.total = 0
+
+    @property
+    def scratch(self) -> str:
+        """A local folder for the checker's scratch files (removed by close)."""
+        if self._scratch is None:
+            import tempfile
+
+            self._scratch = tempfile.mkdtemp(prefix="streamconv-")
+        return self._scratch
+
+    def step(self, n: int) -> None:
+        self.done += n
+        if self.progress is not None:
+            self.progress(self.done, max(self.total, self.done))
+
+    def write(self, plan: OutputPlan, name: str) -> int:
+        """Upload *plan*: data object, then model; complete both; return bytes written."""
+        self.total = plan.model_size + plan.sidecar_size
+        stream_plan(plan, self.target.create, self.step)
+        # as a local publish does: a data object that replaces one in place
+        # first takes away the model that refers to it
+        replace = plan.has_data and plan.data_name is not None and (
+            self.target.exists(plan.data_name))
+        self.target.commit(replace_model_first=replace)
+        return self.total
+
+    def write_in_order(self, pieces: list[Any], name: str) -> int:
+        """Upload the model *pieces* in one pass and complete it; return bytes written."""
+        self.total = sum(len(p) if isinstance(p, (bytes, bytearray)) else p.size
+                         for p in pieces)
+        try:
+            stream_pieces(self.target.create(None, self.total), pieces, self.step)
+        except OSError as e:
+            raise OutputError(f"writing the output failed: {e.strerror or e}") from e
+        self.target.commit(replace_model_first=False)
+        return self.total
+
+    def close(self) -> None:
+        """Abort what was not completed; remove the scratch folder."""
+        self.target.abort()
+        if self._scratch is not None:
+            import shutil
+
+            shutil.rmtree(self._scratch, ignore_errors=True)
 
 
 @dataclass

@@ -194,6 +194,10 @@ def _conversion_parent() -> _Parser:
     g.add_argument("--no-fsync", dest="fsync", action="store_false", default=True,
                    help="do not sync outputs to disk (faster; a power loss may then leave "
                    "empty or truncated outputs)")
+    g.add_argument("--storage-options", default=None, metavar="JSON",
+                   help="options of the file system for s3://, gs://, hf://, http(s):// "
+                   "paths, passed to fsspec as they are, e.g. "
+                   "'{\"client_kwargs\": {\"endpoint_url\": \"http://host:9000\"}}'")
     return p
 
 
@@ -328,6 +332,7 @@ def _normalize(argv: list[str]) -> list[str]:
 def _run_convert(args: argparse.Namespace) -> int:
     from .api import convert
 
+    storage_options = _storage_options(args)
     bar = _progress_bar(args.quiet, "writing")
     try:
         report = convert(
@@ -335,7 +340,7 @@ def _run_convert(args: argparse.Namespace) -> int:
             size_threshold=args.size_threshold, data_name=args.data_name, align=args.align,
             check=args.check, checksum=args.checksum, inline_functions=args.inline_functions,
             reuse_data=args.reuse_data, strict_onnx=args.strict_onnx, fsync=args.fsync,
-            progress=_bytes_updater(bar),
+            progress=_bytes_updater(bar), storage_options=storage_options,
         )
     finally:
         if bar is not None:
@@ -351,6 +356,14 @@ def _run_convert(args: argparse.Namespace) -> int:
           f"{size_text(report.bytes_diverted)} streamed, {report.seconds:.2f} s, "
           f"check: {report.check}", args)
     return EXIT_OK
+
+
+def _storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    if args.storage_options is None:
+        return None
+    from .storage import parse_storage_options
+
+    return parse_storage_options(args.storage_options)
 
 
 def _batch_options(args: argparse.Namespace) -> Any:

@@ -49,6 +49,7 @@ __all__ = [
     "iter_raw_chunks",
     "iter_stub_tensors",
     "parse_decimal",
+    "read_at",
     "scan_payloads",
     "stub_id",
     "value_readers",
@@ -216,7 +217,10 @@ def _count_varints(buf: Any, start: int, end: int, where: dict[str, Any]) -> int
     path = where.get("path")
     for pos in range(start, end, VARINT_CHUNK):
         n = min(VARINT_CHUNK, end - pos)
-        arr = np.frombuffer(buf, dtype=np.uint8, count=n, offset=pos)
+        if isinstance(buf, (bytes, bytearray, mmap.mmap)):
+            arr = np.frombuffer(buf, dtype=np.uint8, count=n, offset=pos)
+        else:  # a remote model's scan buffer: its bytes in one read
+            arr = np.frombuffer(buf[pos:pos + n], dtype=np.uint8)
         ends = np.flatnonzero(arr < 0x80)
         del arr
         if len(ends) == 0:
@@ -376,12 +380,20 @@ def _decode_varints(arr: np.ndarray, offset: int) -> np.ndarray:
     return values
 
 
-def _iter_stored(payload: Payload, fd: int, chunk: int = CHUNK) -> Iterator[tuple[int, bytes]]:
+def read_at(source: Any, length: int, offset: int) -> Any:
+    """Up to *length* bytes at *offset* of *source*: a file descriptor, or a remote
+    file (:class:`streamconv.storage.RemoteFile`, anything with ``pread``)."""
+    if isinstance(source, int):
+        return os.pread(source, length, offset)
+    return source.pread(length, offset)
+
+
+def _iter_stored(payload: Payload, fd: Any, chunk: int = CHUNK) -> Iterator[tuple[int, Any]]:
     """The payload's bytes as stored, in chunks of at most *chunk* bytes, with their offsets."""
     end = payload.offset + payload.length
     pos = payload.offset
     while pos < end:
-        data = os.pread(fd, min(chunk, end - pos), pos)
+        data = read_at(fd, min(chunk, end - pos), pos)
         if not data:
             raise ExternalDataError(
                 f"file ended at byte {pos}, before the payload's end at {end}",
@@ -391,7 +403,7 @@ def _iter_stored(payload: Payload, fd: int, chunk: int = CHUNK) -> Iterator[tupl
         pos += len(data)
 
 
-def iter_raw_chunks(payload: Payload, fd: int) -> Iterator[bytes]:
+def iter_raw_chunks(payload: Payload, fd: Any) -> Iterator[Any]:
     """Yield the payload as little-endian raw_data bytes, in bounded chunks."""
     if payload.encoding != "varint":
         for _, data in _iter_stored(payload, fd):
@@ -405,7 +417,7 @@ def iter_raw_chunks(payload: Payload, fd: int) -> Iterator[bytes]:
     carry = b""
     for pos, data in _iter_stored(payload, fd, VARINT_CHUNK):
         chunk_start = pos - len(carry)
-        block = np.frombuffer(carry + data, dtype=np.uint8)
+        block = np.frombuffer(carry + bytes(data), dtype=np.uint8)
         ends = np.flatnonzero(block < 0x80)
         cut = int(ends[-1]) + 1 if len(ends) else 0
         # the scan checked every varint; these hold only if the file changed since
@@ -425,6 +437,10 @@ def iter_raw_chunks(payload: Payload, fd: int) -> Iterator[bytes]:
 
 def read_payload(payload: Payload) -> bytes:
     """The whole payload as raw_data bytes (only for small, value-read tensors)."""
+    if _remote(payload.source):
+        from . import storage
+
+        return b"".join(bytes(c) for c in iter_raw_chunks(payload, storage.reader(payload.source)))
     fd = os.open(payload.source, os.O_RDONLY)
     try:
         return b"".join(iter_raw_chunks(payload, fd))
@@ -549,8 +565,22 @@ def parse_decimal(text: str | None) -> int | None:
     return int(text)
 
 
+def _remote(path: str) -> bool:
+    """Whether *path* is a URL (read through :mod:`streamconv.storage`), cheaply."""
+    if "://" not in path:
+        return False
+    from .storage import is_url
+
+    return is_url(path)
+
+
 def _safe_location(location: str, base: str, where: dict[str, Any]) -> str:
-    """Resolve an external-data location inside *base*, or raise ExternalDataError."""
+    """Resolve an external-data location inside *base*, or raise ExternalDataError.
+
+    *base* is the model's folder, or for a remote model the model's URL: the
+    same text checks hold, and the data must be an object in the same folder
+    tree of the same bucket (no URL, no ``..``, no absolute key).
+    """
     if not location:
         raise ExternalDataError("external data without a location", **where)
     if location.startswith(MARKER):
@@ -562,6 +592,11 @@ def _safe_location(location: str, base: str, where: dict[str, Any]) -> str:
     norm = posixpath.normpath(location.replace("\\", "/"))
     if norm == ".." or norm.startswith("../") or norm == ".":
         raise ExternalDataError(f"location {location!r} escapes the model's folder", **where)
+    if _remote(base):
+        from . import storage
+
+        storage.check_remote_location(location, where)
+        return base
     full = os.path.join(base, *norm.split("/"))
     real_base = os.path.realpath(base)
     real = os.path.realpath(full)
@@ -595,6 +630,12 @@ def _external_payload(
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in keys.items()):
         raise ExternalDataError("external_data keys and values must be UTF-8 text", **where)
     real = _safe_location(keys.get("location", ""), base, where)
+    remote_size = None
+    if _remote(real):
+        from . import storage
+
+        norm = posixpath.normpath(keys["location"].replace("\\", "/"))
+        real, remote_size = storage.resolve_location(model_file, norm, where)
     offset_text = keys.get("offset", "0")
     length_text = keys.get("length")
     offset = parse_decimal(offset_text)
@@ -627,7 +668,7 @@ def _external_payload(
             f"need {expected} bytes",
             **where,
         )
-    size = os.path.getsize(real)
+    size = remote_size if remote_size is not None else os.path.getsize(real)
     if offset + length > size:
         raise ExternalDataError(
             f"offset {offset} + length {length} runs past the end of "
@@ -728,7 +769,7 @@ def _restub_external(skeleton: Skeleton, source: str) -> None:
         and skeleton.data.count(MARKER_BYTES) == stubs
     ):
         return
-    base = os.path.dirname(os.path.abspath(source))
+    base = source if _remote(source) else os.path.dirname(os.path.abspath(source))
     ours = set(skeleton.payloads)
     for tensor, _, path in iter_stub_tensors(skeleton.model):
         if tensor.data_location != F.DATA_LOCATION_EXTERNAL:

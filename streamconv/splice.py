@@ -27,7 +27,7 @@ from .scan import (
 )
 from .skeleton import MARKER, MARKER_BYTES, Payload
 from .wire import encode_len_header, encode_tag, encode_varint, read_field
-from .writer import Background, Gap, PayloadRef, write_pieces
+from .writer import Background, Gap, PayloadRef, stream_pieces, write_pieces
 
 __all__ = [
     "INLINE_LIMIT",
@@ -41,6 +41,7 @@ __all__ = [
     "plan_prefix",
     "plan_tail",
     "split_converted",
+    "stream_plan",
     "write_plan",
 ]
 
@@ -420,6 +421,33 @@ def write_plan(
             ))
         write_pieces(model_fd, _resolve_checksums(plan.model.pieces, digests), report,
                      writeback=writeback)
+    except OSError as e:
+        raise OutputError(f"writing the output failed: {e.strerror or e}") from e
+
+
+def stream_plan(
+    plan: OutputPlan,
+    create: Callable[[str | None, int], Any],
+    progress: Progress | None = None,
+) -> None:
+    """Write the planned output in order to uploads: the sidecar first, then the model.
+
+    ``create(name, size)`` opens the object of *size* bytes for the sidecar
+    *name*, or the model for None, and returns something with ``write``.  Every byte is written once, in
+    order (see :func:`streamconv.writer.stream_pieces`).  Raises OutputError
+    when reading a local source fails and ExternalDataError when a source is short.
+    """
+    report = progress or (lambda n: None)
+    wants_digest = any(isinstance(piece, ChecksumSlot) for piece in plan.model.pieces)
+    digests: dict[int, str] = {}
+    try:
+        if plan.sidecar:
+            assert plan.data_name is not None
+            ids = frozenset(p.id for _, p in plan.sidecar) if wants_digest else frozenset()
+            digests = stream_pieces(create(plan.data_name, plan.sidecar_size),
+                                    _sidecar_pieces(plan.sidecar, plan.sidecar_start), report,
+                                    digest_ids=ids)
+        stream_pieces(create(None, plan.model_size), _resolve_checksums(plan.model.pieces, digests), report)
     except OSError as e:
         raise OutputError(f"writing the output failed: {e.strerror or e}") from e
 

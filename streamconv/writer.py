@@ -28,7 +28,7 @@ from typing import Any
 
 from . import errors
 from .errors import ExternalDataError, OutputError, StreamconvError
-from .skeleton import Payload, iter_raw_chunks
+from .skeleton import Payload, iter_raw_chunks, read_at
 
 __all__ = [
     "BUFFER_SIZE",
@@ -36,6 +36,7 @@ __all__ = [
     "Gap",
     "PayloadRef",
     "Sources",
+    "stream_pieces",
     "write_pieces",
 ]
 
@@ -76,12 +77,18 @@ class Gap:
 
 
 class Sources:
-    """Open file descriptors of payload sources, by path."""
+    """Open file descriptors of payload sources, by path; remote sources by URL."""
 
     def __init__(self) -> None:
         self.fds: dict[str, int] = {}
 
-    def fd(self, path: str) -> int:
+    def fd(self, path: str) -> Any:
+        """A file descriptor for a local path; for a URL, its opened remote file."""
+        if "://" in path and path not in self.fds:
+            from . import storage
+
+            if storage.is_url(path):
+                return storage.reader(path)
         if path not in self.fds:
             try:
                 self.fds[path] = os.open(path, os.O_RDONLY)
@@ -261,6 +268,9 @@ class _UnitWriter:
             src = self.sources.fd(payload.source)
             if unit.whole:
                 end = self._whole(unit.ref, src, unit.offset)
+            elif not isinstance(src, int):
+                self._stream(src, unit.source_offset, unit.offset, unit.length)
+                end = unit.offset + unit.length
             else:
                 self._stretch(src, unit.source_offset, unit.offset, unit.length)
                 end = unit.offset + unit.length
@@ -286,6 +296,20 @@ class _UnitWriter:
         if digest is not None:
             self.digests[ref.payload.id] = digest.hexdigest()
         return offset
+
+    def _stream(self, src: Any, src_pos: int, dst_pos: int, length: int) -> None:
+        """Copy from a remote source: its reads come from the payload stream."""
+        end = src_pos + length
+        while src_pos < end:
+            data = read_at(src, min(STREAM_PIECE, end - src_pos), src_pos)
+            if not data:
+                raise ExternalDataError(
+                    f"source ended at byte {src_pos}, {end - src_pos} bytes short of the payload"
+                )
+            _pwrite_all(self.fd, data, dst_pos)
+            src_pos += len(data)
+            dst_pos += len(data)
+            self.progress(len(data))
 
     def _stretch(self, src: int, src_pos: int, dst_pos: int, length: int) -> None:
         # copy_file_range between offsets that differ modulo the page size is
@@ -322,6 +346,76 @@ class _UnitWriter:
 
     def close(self) -> None:
         self.sources.close()
+
+
+#: Largest write of a remote copy or of a stream (a slice of the payload stream's chunk).
+STREAM_PIECE = 4 << 20
+
+
+def stream_pieces(
+    out: Any,
+    pieces: Iterable[Any],
+    progress: Progress,
+    *,
+    digest_ids: frozenset[int] = frozenset(),
+) -> dict[int, str]:
+    """Write bytes, :class:`Gap` and :class:`PayloadRef` pieces in order to *out*.
+
+    *out* needs only ``write`` (an upload of a remote object): every byte is
+    written once, in order, gaps as zeros.  Returns the SHA-1 of each payload
+    whose id is in *digest_ids*.  Raises OSError when reading a local source
+    fails and ExternalDataError when a source is short.
+    """
+    sources = Sources()
+    digests: dict[int, str] = {}
+    try:
+        for piece in pieces:
+            if isinstance(piece, Gap):
+                for k in range(0, piece.size, BUFFER_SIZE):
+                    out.write(bytes(min(BUFFER_SIZE, piece.size - k)))
+                progress(piece.size)
+                continue
+            if not isinstance(piece, PayloadRef):
+                out.write(bytes(piece))
+                progress(len(piece))
+                continue
+            payload = piece.payload
+            try:
+                src = sources.fd(payload.source)
+                digest = None
+                if payload.id in digest_ids:
+                    import hashlib
+
+                    digest = hashlib.sha1(usedforsecurity=False)
+                if piece.mode == "raw" and payload.encoding == "varint":
+                    chunks: Iterable[Any] = iter_raw_chunks(payload, src)
+                else:
+                    chunks = _stored_chunks(src, payload)
+                for chunk in chunks:
+                    if digest is not None:
+                        digest.update(chunk)
+                    out.write(chunk)
+                    progress(len(chunk))
+                if digest is not None:
+                    digests[payload.id] = digest.hexdigest()
+            except ExternalDataError as e:
+                e.file = e.file or payload.source
+                e.path = e.path or payload.path
+                raise
+    finally:
+        sources.close()
+    return digests
+
+
+def _stored_chunks(src: Any, payload: Payload) -> Iterable[Any]:
+    pos, end = payload.offset, payload.offset + payload.length
+    while pos < end:
+        data = read_at(src, min(STREAM_PIECE, end - pos), pos)
+        if not data:
+            raise ExternalDataError(
+                f"source ended at byte {pos}, {end - pos} bytes short of the payload")
+        yield data
+        pos += len(data)
 
 
 def _end_at(fd: int, end: int) -> None:
