@@ -433,8 +433,9 @@ def stream_plan(
     """Write the planned output in order to uploads: the sidecar first, then the model.
 
     ``create(name, size)`` opens the object of *size* bytes for the sidecar
-    *name*, or the model for None, and returns something with ``write``.  Every byte is written once, in
-    order (see :func:`streamconv.writer.stream_pieces`).  Raises OutputError
+    *name*, or the model for None, and returns something with ``write``.
+    Every byte is written once, in order (see
+    :func:`streamconv.writer.stream_pieces`).  Raises OutputError
     when reading a local source fails and ExternalDataError when a source is short.
     """
     report = progress or (lambda n: None)
@@ -447,7 +448,8 @@ def stream_plan(
             digests = stream_pieces(create(plan.data_name, plan.sidecar_size),
                                     _sidecar_pieces(plan.sidecar, plan.sidecar_start), report,
                                     digest_ids=ids)
-        stream_pieces(create(None, plan.model_size), _resolve_checksums(plan.model.pieces, digests), report)
+        stream_pieces(create(None, plan.model_size),
+                      _resolve_checksums(plan.model.pieces, digests), report)
     except OSError as e:
         raise OutputError(f"writing the output failed: {e.strerror or e}") from e
 
