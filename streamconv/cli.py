@@ -255,8 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
         "options, recorded in DST_DIR/.streamconv.batch.json) are skipped, so an interrupted "
         "batch can be rerun.",
     )
-    p.add_argument("src_dir", metavar="SRC_DIR", help="folder to read models from")
-    p.add_argument("dst_dir", metavar="DST_DIR", help="folder to write them to (created)")
+    p.add_argument("src_dir", metavar="SRC_DIR",
+                   help="folder to read models from, or a URL (s3://bucket/zoo/ ...)")
+    p.add_argument("dst_dir", metavar="DST_DIR",
+                   help="folder to write them to (created), or a URL")
     g = p.add_argument_group("batch")
     g.add_argument("--jobs", "-j", type=int, default=None, metavar="N",
                    help="models converted at once, one worker process each "
@@ -283,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run one Dask task per model on the cluster at ADDRESS "
                    "(tcp://host:8786; default: $DASK_SCHEDULER_ADDRESS), or on a LocalCluster "
                    "of --jobs processes for 'local'; workers must share SRC_DIR and DST_DIR "
-                   "(needs streamconv[dask])")
+                   "(a shared folder, or a bucket) (needs streamconv[dask])")
     g.add_argument("--scheduler-file", default=None, metavar="FILE",
                    help="the Dask scheduler file to connect to, instead of --scheduler"),
 
@@ -381,7 +383,7 @@ def _batch_options(args: argparse.Namespace) -> Any:
         reuse_data=args.reuse_data, data_name=args.data_name,
         scheduler=args.scheduler if args.scheduler is not None or args.scheduler_file
         else os.environ.get("DASK_SCHEDULER_ADDRESS") or None,
-        scheduler_file=args.scheduler_file,
+        scheduler_file=args.scheduler_file, storage_options=_storage_options(args),
     )
     options.validate()
     return options
@@ -391,7 +393,8 @@ def _run_batch(args: argparse.Namespace) -> int:
     from .batch import check_folders, convert_tree, dry_run, summary_lines, write_report
 
     options = _batch_options(args)
-    check_folders(args.src_dir, args.dst_dir)
+    if "://" not in args.src_dir + args.dst_dir:
+        check_folders(args.src_dir, args.dst_dir)  # a remote batch checks its own
     if options.scheduler is not None or options.scheduler_file is not None:
         # Dask logs every worker's start and stop at INFO; -v shows them
         logging.getLogger("distributed").setLevel(

@@ -31,6 +31,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import logging
+import os
 import posixpath
 import re
 import threading
@@ -142,7 +143,7 @@ def _missing(proto: str, error: BaseException) -> UsageError:
     return UsageError(f"{proto}:// needs {package}: pip install 'streamconv[{extra}]'")
 
 
-_FILESYSTEMS: dict[tuple[str, str], Any] = {}
+_FILESYSTEMS: dict[tuple[str, str, int], Any] = {}
 
 
 def filesystem(url: str, options: dict[str, Any] | None = None) -> tuple[Any, str]:
@@ -159,7 +160,8 @@ def filesystem(url: str, options: dict[str, Any] | None = None) -> tuple[Any, st
                          ) from e
     import json
 
-    key = (proto, json.dumps(options or {}, sort_keys=True, default=str))
+    # by process too: a file system's event loop thread does not survive a fork
+    key = (proto, json.dumps(options or {}, sort_keys=True, default=str), os.getpid())
     fs = _FILESYSTEMS.get(key)
     try:
         if fs is None:

@@ -75,6 +75,11 @@ def _copy_through(job: Job, probe: Probe, options: BatchOptions,
 def run_job(job: Job, options: BatchOptions,
              send_progress: Callable[[int], None]) -> ModelResult:
     """Convert or copy one model into place; never raises for a model."""
+    if "://" in job.src or "://" in job.dst:
+        from .remote import is_remote, run_remote_job
+
+        if is_remote(job.src, job.dst):
+            return run_remote_job(job, options, send_progress)
     started = time.perf_counter()
     result = ModelResult(source=job.rel, destination=job.rel, status=FAILED, action="convert",
                          opset_to=options.opset, bytes_in=job.size)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from ..api import DEFAULT_ALIGN, DEFAULT_THRESHOLD, LAYOUTS
 from ..converter import validate_target
@@ -39,6 +40,8 @@ class BatchOptions:
     scheduler: str | None = None
     #: a Dask scheduler file, instead of *scheduler*
     scheduler_file: str | None = None
+    #: fsspec options for SRC_DIR/DST_DIR URLs (``--storage-options``); never recorded
+    storage_options: dict[str, Any] | None = None
 
     def validate(self) -> None:
         """Raise UsageError naming the first invalid option."""

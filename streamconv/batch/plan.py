@@ -112,7 +112,11 @@ def probe_model(path: str, threshold: int) -> Probe:
         if buf is not None and hasattr(buf, "close"):
             buf.close()
         os.close(fd)
-    model = skeleton.model
+    return probe_skeleton(skeleton.model)
+
+
+def probe_skeleton(model: onnx.ModelProto) -> Probe:
+    """What a scanned skeleton (not for conversion) tells: opset and data files."""
     versions = [o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS]
     data_files: list[str] = []
     external = 0
@@ -233,6 +237,11 @@ def dry_run(src_dir: str, dst_dir: str, options: BatchOptions) -> list[tuple[str
     Raises UsageError for bad options or folders.
     """
     options.validate()
+    if "://" in src_dir or "://" in dst_dir:
+        from .remote import dry_run_remote, is_remote
+
+        if is_remote(src_dir, dst_dir):
+            return dry_run_remote(src_dir, dst_dir, options)
     check_folders(src_dir, dst_dir)
     result = BatchResult(src_dir, dst_dir, options)
     jobs, others, _ = plan_work(src_dir, dst_dir, options, result, Manifest(dst_dir))

@@ -47,6 +47,12 @@ def convert_tree(
     """
     started = time.perf_counter()
     src_dir, dst_dir = os.fspath(src_dir), os.fspath(dst_dir)
+    if "://" in src_dir or "://" in dst_dir:
+        from .remote import convert_remote_tree, is_remote
+
+        if is_remote(src_dir, dst_dir):
+            options.validate()
+            return convert_remote_tree(src_dir, dst_dir, options, progress)
     if os.name != "posix":
         raise UsageError("batch conversion needs a POSIX system (its workers share a socket)")
     options.validate()
