@@ -33,6 +33,7 @@ import contextlib
 import logging
 import os
 import posixpath
+import queue
 import re
 import threading
 from collections import OrderedDict
@@ -74,7 +75,7 @@ MAX_RUN = 1 << 20
 KEEP_BLOCKS = 256
 #: Smallest part of a multipart upload; larger objects get larger parts, so that
 #: none needs more than :data:`MAX_PARTS` (S3 allows 10,000).
-PART = 8 << 20
+PART = 16 << 20
 MAX_PARTS = 9000
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -474,6 +475,82 @@ def check_remote_location(location: str, where: dict[str, Any]) -> None:
 # -- writing ---------------------------------------------------------------------------------
 
 
+class _Cancelled(Exception):
+    """The upload was discarded while bytes were still queued for it."""
+
+
+class Upload:
+    """An upload fed from a thread of its own, so that reading the next bytes overlaps
+    sending these; at most *limit* bytes wait in between (memory stays flat).
+
+    ``write`` queues (and raises what the sending thread met), ``close``
+    sends the rest and completes the upload, ``discard`` aborts it.
+    """
+
+    def __init__(self, f: Any, limit: int) -> None:
+        self.f = f
+        self.limit = limit
+        self.error: BaseException | None = None
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._pending = 0
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = threading.Thread(
+            target=self._run, name="streamconv-upload", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            data = self._queue.get()
+            if data is None:
+                return
+            try:
+                if self.error is None:
+                    self.f.write(data)
+            except BaseException as e:  # handed to the writer at its next call
+                self.error = e
+            finally:
+                with self._cond:
+                    self._pending -= len(data)
+                    self._cond.notify_all()
+
+    def write(self, data: Any) -> int:
+        n = len(data)
+        with self._cond:
+            while self._pending and self._pending + n > self.limit and self.error is None:
+                self._cond.wait()
+            if self.error is not None:
+                raise self.error
+            self._pending += n
+        self._queue.put(data)
+        return n
+
+    def _join(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def close(self) -> None:
+        """Send what is queued and complete the upload."""
+        self._join()
+        if self.error is not None:
+            raise self.error
+        self.f.close()
+
+    def discard(self) -> None:
+        """Abort the upload (what is queued is dropped)."""
+        if self.error is None:
+            self.error = _Cancelled()
+        self._join()
+        try:
+            self.f.discard()
+        finally:
+            # a file object that is dropped unclosed completes its upload when
+            # collected: mark it closed
+            self.f.closed = True
+
+
+
 class RemoteTarget:
     """The objects of one remote output, uploaded under their final keys, completed together.
 
@@ -517,7 +594,7 @@ class RemoteTarget:
         mib = 1 << 20
         part = max(PART, (-(-size // MAX_PARTS) + mib - 1) // mib * mib)
         try:
-            f = self.fs.open(key, "wb", block_size=part)
+            f = Upload(self.fs.open(key, "wb", block_size=part), limit=part)
         except (OSError, ValueError, RuntimeError) as e:
             raise OutputError(f"cannot start the upload of {key}: {e}") from e
         self.files.append((key, f))
@@ -555,9 +632,6 @@ class RemoteTarget:
                 f.discard()
             except Exception as e:  # best effort: report, go on with the others
                 log.warning("could not abort the upload of %s: %s", key, e)
-            # a file object that is dropped unclosed completes its upload when
-            # collected: mark it closed
-            f.closed = True
         self.files.clear()
         for key in self.completed:
             try:
