@@ -466,7 +466,7 @@ def resolve_location(model_url: str, norm: str, where: dict[str, Any]) -> tuple[
 
 def check_remote_location(location: str, where: dict[str, Any]) -> None:
     """Refuse a location that is a URL or names anything but a plain key below the folder."""
-    if _URL.match(location) or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", location):
+    if _URL.match(location) or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", location):
         raise ExternalDataError(f"location {location!r} is a URL, not a relative path", **where)
     if "?" in location or "#" in location:
         raise ExternalDataError(f"location {location!r} holds '?' or '#'", **where)
