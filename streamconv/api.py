@@ -751,7 +751,7 @@ class _Job:
                          for p in pieces)
         fd = self._create(name, "the output")
         try:
-            write_pieces(fd, pieces, self.step)
+            write_pieces(fd, pieces, self.step, writeback=self.fsync)
         except OSError as e:
             raise OutputError(f"writing the output failed: {e.strerror or e}") from e
         finally:
