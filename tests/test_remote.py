@@ -288,6 +288,52 @@ def test_failure_while_completing_removes_the_data_object(s3: S3Server,
     assert s3.open_uploads("zoo") == []
 
 
+def test_replacing_an_output_never_pairs_a_model_with_other_data(s3: S3Server,
+                                                                 medium: BigModelInfo) -> None:
+    """A rerun into an external output: the old model goes before the new data lands.
+
+    With the data object's completion refused, what remains is no model (and the
+    old data untouched), never the old model over new data.
+    """
+    url = "s3://zoo/replace/m.onnx"
+    convert("s3://zoo/medium/m.onnx", url, opset=13, layout="external",
+            storage_options=s3.options)
+    old_data = s3.fs.cat_file("zoo/replace/m.onnx.data")
+    s3.refuse(lambda line: line.startswith("POST /zoo/replace/m.onnx.data?uploadId="))
+    try:
+        with pytest.raises(OutputError):
+            convert("s3://zoo/medium/m.onnx", url, opset=12, layout="external",
+                    storage_options=s3.options)
+    finally:
+        s3.refuse(None)
+    assert _objects(s3, "zoo/replace") == ["zoo/replace/m.onnx.data"]
+    assert s3.fs.cat_file("zoo/replace/m.onnx.data") == old_data
+    assert s3.open_uploads("zoo") == []
+    # reruns that succeed leave the pair; over a pair in place, the old model goes
+    # first, then the data object completes, then the model
+    for _ in range(2):
+        s3.counts.reset()
+        convert("s3://zoo/medium/m.onnx", url, opset=12, layout="external",
+                storage_options=s3.options)
+    assert _objects(s3, "zoo/replace") == ["zoo/replace/m.onnx", "zoo/replace/m.onnx.data"]
+    log = s3.counts.log
+    deleted = log.index("DELETE /zoo/replace/m.onnx")
+    data_done = next(i for i, line in enumerate(log)
+                     if line.startswith("POST /zoo/replace/m.onnx.data?uploadId="))
+    model_done = log.index("PUT /zoo/replace/m.onnx")
+    assert deleted < data_done < model_done, log
+    model = onnx.load_from_string(s3.fs.cat_file("zoo/replace/m.onnx"))
+    assert {o.domain: o.version for o in model.opset_import}[""] == 12
+
+
+def test_file_urls_take_the_local_path(tmp_path: Path) -> None:
+    src = tmp_path / "m.onnx"
+    onnx.save(reduce_chain(11), str(src))
+    report = convert(f"file://{src}", f"file://{tmp_path / 'out.onnx'}", opset=13)
+    assert report.bytes_fetched is None  # no fsspec on the way
+    assert (tmp_path / "out.onnx").exists()
+
+
 def test_ctrl_c_mid_upload_leaves_nothing(s3: S3Server, big: dict[str, Any]) -> None:
     s3.counts.reset()
     proc = subprocess.Popen(
