@@ -89,6 +89,10 @@ _EXTRAS = {
 }
 
 
+#: protocols read through ranged GETs that take no uploads
+_READ_ONLY = ("http", "https")
+
+
 def is_url(path: str) -> bool:
     """Whether *path* names a remote object (``proto://...``, any protocol but ``file``)."""
     match = _URL.match(path)
@@ -561,6 +565,9 @@ class RemoteTarget:
 
     def __init__(self, url: str, options: dict[str, Any] | None = None) -> None:
         self.url = url
+        if protocol(url) in _READ_ONLY:
+            raise UsageError(f"{protocol(url)}:// is read-only here: an output needs a store "
+                             "that takes uploads (s3://, gs://, hf://, ...)", file=url)
         self.fs, self.path = filesystem(url, options)
         self.folder = parent(self.path)
         self.files: list[tuple[str, Any]] = []

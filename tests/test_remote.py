@@ -371,6 +371,7 @@ def test_usage_errors_are_one_line(s3: S3Server, tmp_path: Path) -> None:
           _options(s3)], "no such file"),
         ([str(tmp_path / "missing.onnx"), "s3://nobucket/o.onnx", "--storage-options",
           _options(s3)], "bucket or folder 'nobucket' does not exist"),
+        ([str(tmp_path / "missing.onnx"), "http://127.0.0.1:9/o.onnx"], "is read-only here"),
     ]
     for argv, text in cases:
         result = _cli(*argv)
