@@ -506,9 +506,9 @@ def _convert_open(
             if copy_early:
                 assert isinstance(job, _Job)
                 job.start_sidecar(
-                data_name, [p for p in payloads.values() if p.nbytes >= EARLY_MIN],
-                align=align, checksum=checksum,
-            )
+                    data_name, [p for p in payloads.values() if p.nbytes >= EARLY_MIN],
+                    align=align, checksum=checksum,
+                )
         else:
             # Inline: the graph's initializers go first, so their payloads can
             # move now too (see splice.plan_prefix).
