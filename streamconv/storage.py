@@ -479,6 +479,45 @@ def check_remote_location(location: str, where: dict[str, Any]) -> None:
 # -- writing ---------------------------------------------------------------------------------
 
 
+def abort_uploads(urls: Iterable[str], options: dict[str, Any] | None = None) -> int:
+    """Abort the open multipart uploads to the objects *urls*; return how many.
+
+    For the uploads of a process that was killed (a batch worker past its
+    timeout, or stopped by Ctrl-C), which could not abort them itself.  Only
+    file systems that list multipart uploads (S3) have any.  Never raises.
+    """
+    wanted: dict[tuple[str, str], set[str]] = {}
+    fs_of: dict[tuple[str, str], Any] = {}
+    for url in urls:
+        try:
+            fs, path = filesystem(url, options)
+        except StreamconvError:
+            continue
+        if not hasattr(fs, "list_multipart_uploads") or not hasattr(fs, "abort_mpu"):
+            continue
+        bucket, _, key = path.partition("/")
+        wanted.setdefault((protocol(url), bucket), set()).add(key)
+        fs_of[(protocol(url), bucket)] = fs
+    aborted = 0
+    for (proto, bucket), keys in wanted.items():
+        fs = fs_of[(proto, bucket)]
+        try:
+            uploads = fs.list_multipart_uploads(bucket)
+        except Exception as e:  # best effort: say so, go on
+            log.warning("cannot list the open uploads of %s://%s: %s", proto, bucket, e)
+            continue
+        for upload in uploads:
+            key = upload.get("Key", "")
+            if key not in keys:
+                continue
+            try:
+                fs.abort_mpu(bucket, key, upload["UploadId"])
+                aborted += 1
+            except Exception as e:
+                log.warning("cannot abort the upload of %s://%s/%s: %s", proto, bucket, key, e)
+    return aborted
+
+
 class _Cancelled(Exception):
     """The upload was discarded while bytes were still queued for it."""
 

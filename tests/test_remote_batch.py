@@ -7,8 +7,10 @@ workers read and write the bucket themselves, with no shared folder.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -121,3 +123,32 @@ def test_options_that_need_local_folders_are_refused(zoo: tuple[S3Server, Path])
     assert result.returncode == 2
     assert result.stderr.strip() == (
         "streamconv: error: --copy-other needs local SRC_DIR and DST_DIR")
+
+
+def test_ctrl_c_mid_batch_leaves_no_upload_open(zoo: tuple[S3Server, Path],
+                                                tmp_path: Path) -> None:
+    """The workers are killed on Ctrl-C; the batch aborts the uploads they had open."""
+    s3, _ = zoo
+    write_big_model(tmp_path / "big.onnx", n_tensors=2, tensor_mib=48, opset=11)
+    s3.fs.put(str(tmp_path / "big.onnx"), "zoo/inbig/big.onnx")
+    s3.counts.reset()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamconv", "batch", "s3://zoo/inbig", "s3://zoo/outbig",
+         "--opset", "13", "-q", "--layout", "external",
+         "--storage-options", json.dumps(s3.options)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+
+    def parts() -> int:
+        with s3.counts.lock:
+            return sum(1 for line in s3.counts.log
+                       if line.startswith("PUT /zoo/outbig/") and "partNumber=" in line)
+
+    while parts() < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the batch ended before it was interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert s3.open_uploads("zoo") == []
+    assert [k for k in s3.fs.find("zoo/outbig") if k.endswith((".onnx", ".data"))] == []

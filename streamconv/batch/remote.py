@@ -472,15 +472,31 @@ def convert_remote_tree(src_dir: str, dst_dir: str, options: BatchOptions,
             on_progress(partial, model)
 
         on_progress(0)
-        if jobs and (options.scheduler is not None or options.scheduler_file is not None):
-            from .dask_executor import DaskExecutor
+        try:
+            if jobs and (options.scheduler is not None or options.scheduler_file is not None):
+                from .dask_executor import DaskExecutor
 
-            DaskExecutor(options, on_result).run(jobs)
-        elif jobs:
-            from .executors import LocalPool
+                DaskExecutor(options, on_result).run(jobs)
+            elif jobs:
+                from .executors import LocalPool
 
-            workdir = tempfile.mkdtemp(prefix="streamconv-batch-")
-            LocalPool(options, dst_dir, workdir, on_result, on_progress).run(jobs)
+                workdir = tempfile.mkdtemp(prefix="streamconv-batch-")
+                LocalPool(options, dst_dir, workdir, on_result, on_progress).run(jobs)
+        finally:
+            if dst.remote:
+                # a worker that was killed (timeout, crash, Ctrl-C) could not abort
+                # its uploads: the parts it sent would stay, billed, out of sight
+                done = {m.source for m in result.models if m.status in (CONVERTED, AT_TARGET)}
+                unfinished: list[str] = []
+                for job in jobs:
+                    if job.rel in done:
+                        continue
+                    name = posixpath.basename(job.dst)
+                    data = f"{name}.data" if options.data_name is None else \
+                        options.data_name.format(name=name, stem=name.removesuffix(".onnx"))
+                    unfinished += [job.dst, storage.join(storage.parent(job.dst), data)]
+                if unfinished:
+                    storage.abort_uploads(unfinished, options.storage_options)
     except Interrupted as e:
         result.interrupted = int(e.args[0]) if e.args else signal.SIGINT
     except KeyboardInterrupt:
