@@ -152,3 +152,19 @@ def test_ctrl_c_mid_batch_leaves_no_upload_open(zoo: tuple[S3Server, Path],
     assert proc.returncode == 130, err
     assert s3.open_uploads("zoo") == []
     assert [k for k in s3.fs.find("zoo/outbig") if k.endswith((".onnx", ".data"))] == []
+
+
+def test_versioned_bucket_rerun_converts_nothing(zoo: tuple[S3Server, Path]) -> None:
+    """With versioning on, objects carry a VersionId: the identity still matches on rerun."""
+    s3, src = zoo
+    s3.bucket("versioned")
+    s3.client().put_bucket_versioning(Bucket="versioned",
+                                      VersioningConfiguration={"Status": "Enabled"})
+    s3.fs.put(str(src / "a.onnx"), "versioned/in/a.onnx")
+    first = _batch(s3, "s3://versioned/in", "s3://versioned/out")
+    assert first["a.onnx"]["status"] == "converted"
+    again = _batch(s3, "s3://versioned/in", "s3://versioned/out")
+    assert again["a.onnx"]["status"] == "skipped"
+    s3.fs.put(str(src / "sub" / "at13.onnx"), "versioned/in/a.onnx")  # a new version
+    third = _batch(s3, "s3://versioned/in", "s3://versioned/out")
+    assert third["a.onnx"]["status"] == "at_target"

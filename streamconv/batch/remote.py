@@ -21,7 +21,6 @@ Not here: ``--copy-other`` and ``--verify`` (they need local folders), and
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import logging
 import os
@@ -39,7 +38,7 @@ from ..errors import Interrupted, OutputError, StreamconvError, UsageError
 from ..skeleton import build_skeleton
 from .manifest import MANIFEST, byte_options, file_identity
 from .options import BatchOptions
-from .plan import Job, Probe, probe_model
+from .plan import Job, Probe, _selected, probe_model
 from .report import (
     AT_TARGET,
     CONVERTED,
@@ -112,7 +111,12 @@ class Tree:
         if not self.remote:
             return file_identity(self.url(rel))
         try:
-            info = self.fs.info(self.key(rel))
+            try:
+                # asked of the store, never of a listing cached earlier: a listing
+                # holds fewer fields (no version), and the worker asks the store
+                info = self.fs.info(self.key(rel), refresh=True)
+            except TypeError:  # a file system without the keyword
+                info = self.fs.info(self.key(rel))
         except FileNotFoundError:
             return None
         except (OSError, ValueError, RuntimeError) as e:
@@ -158,18 +162,6 @@ class Tree:
             raise
 
 
-def _matches(rel: str, pattern: str) -> bool:
-    if fnmatch.fnmatchcase(rel, pattern):
-        return True
-    return "/" not in pattern and any(fnmatch.fnmatchcase(p, pattern) for p in rel.split("/"))
-
-
-def _selected(rel: str, options: BatchOptions) -> bool:
-    if options.include and not any(_matches(rel, p) for p in options.include):
-        return False
-    return not any(_matches(rel, p) for p in options.exclude)
-
-
 def _check(src: Tree, dst: Tree, options: BatchOptions) -> None:
     if options.copy_other:
         raise UsageError("--copy-other needs local SRC_DIR and DST_DIR")
@@ -192,7 +184,8 @@ def _models(src: Tree, dst: Tree, options: BatchOptions) -> list[str]:
         inside = dst.root[len(src.root) + 1:] + "/"  # DST below SRC: not walked
     return [rel for rel in src.files()
             if rel.endswith(".onnx") and not posixpath.basename(rel).startswith(".streamconv")
-            and not (inside and rel.startswith(inside)) and _selected(rel, options)]
+            and not (inside and rel.startswith(inside))
+            and _selected(rel, options.include, options.exclude)]
 
 
 class _Manifest:
@@ -238,7 +231,9 @@ class _Manifest:
         }
 
     def forget(self, rels: list[str]) -> None:
-        if any(self.entries.pop(rel, None) is not None for rel in list(rels)):
+        """Drop the entries of outputs about to be redone, in DST too."""
+        dropped = [rel for rel in rels if self.entries.pop(rel, None) is not None]
+        if dropped:
             self.save()
 
     def save(self) -> None:
