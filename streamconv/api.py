@@ -159,8 +159,29 @@ def open_input(src: str) -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def mapped_input(src: str) -> Iterator[tuple[Any, int]]:
-    """The model at *src* opened read-only and mapped: ``(buffer, size)``; closed after."""
+def remote_scope(src: str) -> Iterator[None]:
+    """For a URL *src*: the remote files opened inside are closed after (see
+    :func:`streamconv.storage.opened`); for a local path, nothing."""
+    if not _is_url(src):
+        yield
+        return
+    from . import storage
+
+    with storage.opened():
+        yield
+
+
+@contextlib.contextmanager
+def mapped_input(src: str, storage_options: dict[str, Any] | None = None
+                 ) -> Iterator[tuple[Any, int]]:
+    """The model at *src* opened read-only and mapped: ``(buffer, size)``; closed after.
+
+    For a URL, a buffer over ranged reads, inside the caller's :func:`remote_scope`.
+    """
+    if _is_url(src):
+        scanned, remote_size, _ = _open_model(src, storage_options)
+        yield scanned, remote_size
+        return
     fd, size = open_input(src)
     buf: Any = None
     try:
@@ -895,7 +916,8 @@ class Reach:
 
 
 def reachable(src: str | os.PathLike[str], *, strict_onnx: bool = False,
-              size_threshold: int = DEFAULT_THRESHOLD) -> Reach:
+              size_threshold: int = DEFAULT_THRESHOLD,
+              storage_options: dict[str, Any] | None = None) -> Reach:
     """The lowest and highest ai.onnx opset the model at *src* converts to.
 
     Works on the skeleton in memory (weights are never loaded) and writes
@@ -903,9 +925,9 @@ def reachable(src: str | os.PathLike[str], *, strict_onnx: bool = False,
     conversion to any opset in the range succeeds (the output checker aside).
     Raises the errors :func:`convert` raises for bad input.
     """
-    src = os.fspath(src)
+    src = _local(os.fspath(src))
     _validate_options("auto", size_threshold, DEFAULT_ALIGN, None)
-    with mapped_input(src) as (buf, size):
+    with remote_scope(src), mapped_input(src, storage_options) as (buf, size):
         try:
             data, payloads = scan_payloads(buf, size, src, size_threshold)
             converter = _load_onnx()

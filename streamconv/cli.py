@@ -313,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("models", nargs="+", metavar="MODEL", help="model files (.onnx)")
     p.add_argument("--size-threshold", type=int, default=DEFAULT_THRESHOLD, metavar="BYTES",
                    help=f"the conversion's threshold to assume (default {DEFAULT_THRESHOLD})")
+    p.add_argument("--storage-options", default=None, metavar="JSON",
+                   help="options of the file system for URL models (see convert --help)")
     p.add_argument("--no-reach", dest="reach", action="store_false",
                    help="skip the reachable opset range (it converts the skeleton in memory)")
     return top
@@ -544,11 +546,13 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
     if args.size_threshold < 0:
         raise UsageError(f"--size-threshold must be >= 0, got {args.size_threshold}")
+    storage_options = _storage_options(args)
     status = EXIT_OK
     found: list[dict[str, Any]] = []
     for n, model in enumerate(args.models):
         try:
-            ins = inspect_model(model, size_threshold=args.size_threshold, reach=args.reach)
+            ins = inspect_model(model, size_threshold=args.size_threshold, reach=args.reach,
+                                storage_options=storage_options)
         except StreamconvError as e:
             _error(str(e))
             found.append({"source": model, "error": str(e)})

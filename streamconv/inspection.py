@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from . import fields as F
-from .api import DEFAULT_THRESHOLD, mapped_input, reachable
+from .api import DEFAULT_THRESHOLD, mapped_input, reachable, remote_scope
 from .errors import StreamconvError
 from .skeleton import (
     Payload,
@@ -116,7 +116,10 @@ def _type_name(data_type: int) -> str:
 
 def _info(payload: Payload, base: str, storage: str, place: str) -> TensorInfo:
     location = None
-    if payload.external:
+    if payload.external and "://" in base:  # a remote model: its data below its folder
+        folder = base.rsplit("/", 1)[0] + "/"
+        location = payload.source.removeprefix(folder)
+    elif payload.external:
         location = os.path.relpath(payload.source, base).replace(os.sep, "/")
     return TensorInfo(
         path=payload.path, name=payload.name, data_type=_type_name(payload.data_type),
@@ -126,7 +129,8 @@ def _info(payload: Payload, base: str, storage: str, place: str) -> TensorInfo:
 
 
 def inspect_model(
-    src: str | os.PathLike[str], *, size_threshold: int = DEFAULT_THRESHOLD, reach: bool = True
+    src: str | os.PathLike[str], *, size_threshold: int = DEFAULT_THRESHOLD, reach: bool = True,
+    storage_options: dict[str, Any] | None = None,
 ) -> Inspection:
     """Describe the model at *src*; its weights are never read.
 
@@ -134,10 +138,21 @@ def inspect_model(
     part assumes.  With *reach*, the reachable opset range is worked out too
     (the skeleton is converted in memory; seconds on very large graphs).
     Raises StreamconvError (one line) for a file that is not a readable model
-    or whose external-data references are unusable.
+    or whose external-data references are unusable.  *src* may be a URL
+    (opened with *storage_options*): only the skeleton's bytes are fetched.
     """
     src = os.fspath(src)
-    with mapped_input(src) as (buf, size):
+    if src.startswith(("file://", "local://")):
+        from .storage import local_path
+
+        src = local_path(src)
+    with remote_scope(src):
+        return _inspect(src, size_threshold, reach, storage_options)
+
+
+def _inspect(src: str, size_threshold: int, reach: bool,
+             storage_options: dict[str, Any] | None) -> Inspection:
+    with mapped_input(src, storage_options) as (buf, size):
         try:
             # Threshold 0: every payload is set aside, so every byte is accounted for.
             data, payloads = scan_payloads(buf, size, src, 0)
@@ -145,7 +160,8 @@ def inspect_model(
         except StreamconvError as e:
             raise e.with_file(src) from e.__cause__
     model = skeleton.model
-    base = os.path.dirname(os.path.abspath(src))
+    # a remote model's data is resolved against its URL (see skeleton._safe_location)
+    base = src if "://" in src else os.path.dirname(os.path.abspath(src))
 
     infos: list[TensorInfo] = []
     for payload in payloads.values():
@@ -235,7 +251,7 @@ def inspect_model(
     )
     if reach:
         try:
-            r = reachable(src, size_threshold=size_threshold)
+            r = reachable(src, size_threshold=size_threshold, storage_options=storage_options)
         except StreamconvError as e:
             # The model is readable (the scan above succeeded) but cannot be converted:
             # that is a finding about it, not a failure of inspect.

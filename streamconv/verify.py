@@ -24,7 +24,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from .api import mapped_input
-from .errors import ExternalDataError, StreamconvError, one_line
+from .errors import ExternalDataError, StreamconvError, UsageError, one_line
 from .skeleton import (
     MARKER,
     Payload,
@@ -263,6 +263,12 @@ def verify_model(
     itself cannot be read; problems with references are reported, not raised.
     """
     model_path = os.fspath(path)
+    if "://" in model_path:
+        from .storage import is_url
+
+        if is_url(model_path):
+            raise UsageError("verify takes local model files only (a remote model's "
+                             "references are checked when it converts)", file=model_path)
     with mapped_input(model_path) as (buf, size):
         try:
             skeleton = build_skeleton(buf, size, model_path, SCAN_THRESHOLD, for_conversion=False)

@@ -35,6 +35,9 @@ pytest.importorskip("s3fs")
 TENSOR_MIB = 64
 #: Fetched bytes may exceed the file's size by this factor at most.
 FETCH_FACTOR = 1.05
+#: Most bytes ``inspect`` may fetch of the 192 MiB model (its skeleton, twice: the
+#: description and the reachable range each scan it).
+INSPECT_FETCH = 1 << 20
 #: Peak resident memory of a CLI conversion (Python, numpy, onnx and the s3 client
 #: alone take about 100 MiB); the model is 3 x 64 MiB.
 PEAK_MIB = 250
@@ -350,6 +353,35 @@ def test_ctrl_c_mid_upload_leaves_nothing(s3: S3Server, big: dict[str, Any]) -> 
     assert len(err.strip().splitlines()) == 1, err
     assert _objects(s3, "zoo/intr") == []
     assert s3.open_uploads("zoo") == []
+
+
+# -- inspect and verify ---------------------------------------------------------------------
+
+
+def test_inspect_fetches_the_skeleton_only(s3: S3Server, big: dict[str, Any],
+                                           tmp_path: Path) -> None:
+    from streamconv.inspection import inspect_model
+
+    info: BigModelInfo = big["info"]
+    local = inspect_model(info.path)
+    s3.counts.reset()
+    remote = inspect_model("s3://zoo/big/m.onnx", storage_options=s3.options)
+    served = s3.counts.get_bytes
+    assert served < INSPECT_FETCH, served  # of a 192 MiB file
+    assert remote.reachable == local.reachable and remote.reachable is not None
+    assert remote.bytes == local.bytes and remote.ops == local.ops
+    # external data below the model's folder, named as in the model
+    src = _external_model(tmp_path / "src")
+    s3.fs.put(str(tmp_path / "src") + "/", "zoo/inspect-ext/", recursive=True)
+    ext = inspect_model("s3://zoo/inspect-ext/m.onnx", storage_options=s3.options)
+    assert ext.external_files == inspect_model(src).external_files == {
+        "weights/m.bin": 64 * 64 * 4}
+    result = subprocess.run(
+        [sys.executable, "-m", "streamconv", "verify", "s3://zoo/inspect-ext/m.onnx"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "verify takes local model files only" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 # -- errors of the remote path -------------------------------------------------------------
