@@ -36,8 +36,11 @@ log = logging.getLogger(__name__)
 #: staging folders, removed when their owner is gone.
 MANIFEST = ".streamconv.batch.json"
 _FORMAT = 1
-#: The manifest is rewritten at most this often while a batch runs (and at its end).
+#: The manifest is rewritten at most this often while a batch runs (and at its end)...
 _SAVE_EVERY = 2.0
+#: ... and at most this fraction of the time: a rewrite costs time in proportion to
+#: the entries, so the interval grows with them and a long batch stays linear.
+_SAVE_SHARE = 0.05
 
 #: What identifies a file's contents without reading them: [size, mtime_ns, inode].
 Identity = list[int]
@@ -87,6 +90,7 @@ class Manifest:
         self.fsync = fsync
         self.entries: dict[str, dict[str, Any]] = {}
         self._saved_at = 0.0
+        self._save_seconds = 0.0
         self._dirty = False
         try:
             with open(self.path, encoding="utf-8") as f:
@@ -131,19 +135,24 @@ class Manifest:
         self.entries[rel] = {"inputs": inputs, "outputs": outputs,
                              "options": byte_options(options), **what}
         self._dirty = True
-        if time.monotonic() - self._saved_at >= _SAVE_EVERY:
+        interval = max(_SAVE_EVERY, self._save_seconds / _SAVE_SHARE)
+        if time.monotonic() - self._saved_at >= interval:
             self.save()
 
     def save(self) -> None:
         """Write the manifest atomically (synced unless --no-fsync), if it changed."""
         if not self._dirty:
             return
+        started = time.monotonic()
         folder = os.path.dirname(self.path)
         fd, tmp = tempfile.mkstemp(prefix=".streamconv.batch-", suffix=".tmp", dir=folder)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump({"format": _FORMAT, "outputs": self.entries}, f, indent=0,
-                          sort_keys=True)
+                # one entry a line; json's C encoder (indent would take the slow one)
+                f.write(f'{{"format": {_FORMAT}, "outputs": {{\n')
+                f.write(",\n".join(f"{json.dumps(rel)}: {json.dumps(entry, sort_keys=True)}"
+                                   for rel, entry in sorted(self.entries.items())))
+                f.write("\n}}\n")
             replace_file(tmp, self.path, fsync=self.fsync)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
@@ -151,3 +160,4 @@ class Manifest:
             raise
         self._dirty = False
         self._saved_at = time.monotonic()
+        self._save_seconds = self._saved_at - started

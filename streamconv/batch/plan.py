@@ -46,14 +46,27 @@ def find_files(
     streamconv's own temporary folders.  Symbolic links to folders are not
     followed.
     """
-    real_dst = os.path.realpath(dst_dir)
+    try:  # a folder is DST when it is the same file (cheaper than a realpath per folder)
+        st = os.stat(dst_dir)
+        dst_id: tuple[int, int] | None = (st.st_dev, st.st_ino)
+    except OSError:
+        dst_id = None  # not there yet: nothing to leave out
+
+    def is_dst(path: str) -> bool:
+        if dst_id is None:
+            return False
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == dst_id
+
     models: list[str] = []
     others: list[str] = []
     for root, dirs, files in os.walk(src_dir):
         dirs[:] = sorted(
             d for d in dirs
-            if not d.startswith(".streamconv-")
-            and os.path.realpath(os.path.join(root, d)) != real_dst
+            if not d.startswith(".streamconv-") and not is_dst(os.path.join(root, d))
         )
         rel_root = os.path.relpath(root, src_dir)
         for name in sorted(files):
