@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import stat
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -128,6 +129,9 @@ def _load_onnx() -> ModuleType:
     A Python signal handler that raises while onnx's C++ extension initializes
     aborts the interpreter; held signals are delivered right after the import.
     """
+    loaded = sys.modules.get(f"{__package__}.converter")
+    if loaded is not None:  # imported already: nothing to hold signals for
+        return loaded
     with signals_held():
         from . import converter
     return converter
@@ -198,10 +202,16 @@ class _Checker:
 
     Each stub's location (``__streamconv__/<id>``) is made a sparse file of the
     payload's size in a scratch folder, so a check costs what the skeleton
-    costs, whatever the size of the weights.
+    costs, whatever the size of the weights.  A skeleton without stubs has no
+    external tensor at all (the input's own external data is stubbed too), so
+    it is checked in memory: the checker reads files only for external data.
     """
 
     def __init__(self, payloads: dict[int, Any], workdir: str) -> None:
+        self.folder: str | None = None
+        self.path = ""
+        if not payloads:
+            return
         import tempfile
 
         self.folder = tempfile.mkdtemp(prefix="check-", dir=workdir)
@@ -216,10 +226,12 @@ class _Checker:
         """The checker's error on *model_bytes*, one stripped line per line, or None."""
         import onnx
 
-        with open(self.path, "wb") as f:
-            f.write(model_bytes)
+        if self.folder is not None:
+            with open(self.path, "wb") as f:
+                f.write(model_bytes)
         try:
-            onnx.checker.check_model(self.path, full_check=True)
+            onnx.checker.check_model(self.path if self.folder is not None else model_bytes,
+                                     full_check=True)
         except Exception as e:
             lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
             return "\n".join(lines) if lines else type(e).__name__
@@ -228,7 +240,8 @@ class _Checker:
     def close(self) -> None:
         import shutil
 
-        shutil.rmtree(self.folder, ignore_errors=True)
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 #: Most main-graph nodes :func:`_check` compares one by one; past it a result
@@ -387,6 +400,7 @@ def convert(
     progress: ProgressCallback | None = None,
     before_publish: Callable[[str], None] | None = None,
     storage_options: dict[str, Any] | None = None,
+    folder_syncs: set[str] | None = None,
 ) -> Report:
     """Convert the ONNX model at *src* to ai.onnx *opset* and write it to *dst*.
 
@@ -417,7 +431,10 @@ def convert(
     thread.  *before_publish* is called with the path of the finished model,
     still in its staging folder (its data file beside it), just before it is
     moved into place; an exception it raises aborts the publish and is
-    passed on.
+    passed on.  With *fsync* and a set *folder_syncs*, the folder sync after
+    the model's last rename is left to the caller, who finds the folder in
+    *folder_syncs* (:func:`streamconv.publish.sync_folders`; batch syncs each
+    folder once per chunk of models); the files are synced all the same.
 
     Raises UsageError for bad options, WireFormatError/LimitError for a
     malformed input, ExternalDataError for bad external-data references,
@@ -464,7 +481,8 @@ def convert(
                 check_destination(folder, [name, data_name] if layout == "external" else [name])
             except OutputError as e:
                 raise e.with_file(dst) from None
-        job = _Job(dst, progress, fsync=fsync, before_publish=before_publish)
+        job = _Job(dst, progress, fsync=fsync, before_publish=before_publish,
+                   folder_syncs=folder_syncs)
     job.protect = [src]
     fetched: list[Any] = []
     with contextlib.ExitStack() as remotes:
@@ -657,11 +675,13 @@ class _Job:
     """The output side of one conversion: temporary folder, files, early sidecar copy."""
 
     def __init__(self, dst: str, progress: ProgressCallback | None, *, fsync: bool = True,
-                 before_publish: Callable[[str], None] | None = None) -> None:
+                 before_publish: Callable[[str], None] | None = None,
+                 folder_syncs: set[str] | None = None) -> None:
         self.dst = dst
         self.progress = progress
         self.fsync = fsync
         self.before_publish = before_publish
+        self.folder_syncs = folder_syncs
         #: files the publish must never remove (the input and its data files)
         self.protect: list[str] = []
         self._out: Staging | None = None
@@ -786,7 +806,7 @@ class _Job:
         folder = self.out.folder
         superseded = previous_data_files(folder, name) if os.path.lexists(self.dst) else []
         publish(self.out, name, [data] if data else [], superseded=superseded,
-                protect=self.protect, fsync=self.fsync)
+                protect=self.protect, fsync=self.fsync, deferred=self.folder_syncs)
 
     def write(self, plan: OutputPlan, name: str) -> int:
         """Write *plan* into the temporary folder, then publish; return bytes written."""

@@ -37,7 +37,10 @@ gives (``<model>.data``), never a file of the input.
 Durability: every file is fsynced before its rename, and each folder whose
 entries changed is fsynced before the next step, so that after a power loss
 the model in place is complete and its data file is too (``fsync=False``
-skips this, for scratch outputs).  SIGINT and SIGTERM are held during the
+skips this, for scratch outputs).  A batch may take over the last folder sync
+of each publish (``deferred``) and sync each folder once for a chunk of
+models, before it records any of them as done; the files are synced before
+their renames all the same.  SIGINT and SIGTERM are held during the
 publish and delivered when it is done.
 
 Staging folders
@@ -73,11 +76,13 @@ __all__ = [
     "Staging",
     "check_destination",
     "data_location",
+    "make_folders",
     "previous_data_files",
     "publish",
     "replace_file",
     "signals_held",
     "sweep_stale",
+    "sync_folders",
 ]
 
 log = logging.getLogger(__name__)
@@ -114,17 +119,26 @@ def _tag(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8", "replace")).hexdigest()[:8]
 
 
+# Who this process is does not change while it runs (the pid aside, which a fork
+# changes): asked once per process, not once per staging folder.
+_IDENTITY: dict[str, str] = {}
+
+
 def _host() -> str:
-    return _tag(socket.gethostname())
+    if "host" not in _IDENTITY:
+        _IDENTITY["host"] = _tag(socket.gethostname())
+    return _IDENTITY["host"]
 
 
 def _boot() -> str:
     """A tag of this boot of the kernel; unknown where the kernel does not tell."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
-            return _tag(f.read().strip())
-    except OSError:
-        return _UNKNOWN
+    if "boot" not in _IDENTITY:
+        try:
+            with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+                _IDENTITY["boot"] = _tag(f.read().strip())
+        except OSError:
+            _IDENTITY["boot"] = _UNKNOWN
+    return _IDENTITY["boot"]
 
 
 def _start_time(pid: int) -> int | None:
@@ -144,12 +158,18 @@ def _start_time(pid: int) -> int | None:
     return int(rest[19])
 
 
+_OWN_START: dict[int, int] = {}
+
+
 def _own_start() -> int:
-    try:
-        start = _start_time(os.getpid())
-    except (OSError, ValueError, IndexError):
-        return 0
-    return 0 if start is None else start
+    pid = os.getpid()
+    if pid not in _OWN_START:
+        try:
+            start = _start_time(pid)
+        except (OSError, ValueError, IndexError):
+            start = None
+        _OWN_START[pid] = 0 if start is None else start
+    return _OWN_START[pid]
 
 
 def staging_name(tag: str | None = None) -> str:
@@ -229,12 +249,19 @@ class Staging:
 
     def file(self, name: str) -> str:
         """The staged path of *name* (relative POSIX path), its folders created."""
+        if "/" not in name:
+            return os.path.join(self.path, name)
         full = os.path.join(self.path, *name.split("/"))
         os.makedirs(os.path.dirname(full), exist_ok=True)
         return full
 
     def cleanup(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        try:
+            os.rmdir(self.path)  # empty after a publish: no need to walk it
+        except FileNotFoundError:
+            pass
+        except OSError:
+            shutil.rmtree(self.path, ignore_errors=True)
 
 
 # -- checks and durable steps ----------------------------------------------------------------
@@ -331,33 +358,72 @@ def _fsync_path(path: str, directory: bool = False) -> None:
         os.close(fd)
 
 
-def _makedirs(path: str, durable: bool) -> None:
-    """Create *path* and missing parents; with *durable*, sync each new entry's parent."""
+def _makedirs(path: str, durable: bool, deferred: set[str] | None = None) -> None:
+    """Create *path* and missing parents; with *durable*, sync each new entry's parent
+    (or add the parent to *deferred*, for the caller to sync)."""
     missing = []
     while not os.path.isdir(path):
         missing.append(path)
         path = os.path.dirname(path)
     for new in reversed(missing):
-        os.mkdir(new)
+        try:
+            os.mkdir(new)
+        except FileExistsError:  # another worker made it meanwhile; its parent is synced
+            if not os.path.isdir(new):
+                raise
         if durable:
-            _fsync_path(os.path.dirname(new), directory=True)
+            _sync_folder(os.path.dirname(new), deferred)
 
 
-def replace_file(staged: str, final: str, *, fsync: bool = True, synced: bool = False) -> None:
+def make_folders(path: str, *, fsync: bool = True, deferred: set[str] | None = None) -> None:
+    """Create the folder *path* and its missing parents, each new entry synced with *fsync*.
+
+    With *deferred*, the folders to sync are added to it instead: the caller
+    syncs them (:func:`sync_folders`) before it relies on the new entries.
+    Raises OSError.
+    """
+    _makedirs(os.path.abspath(path), fsync, deferred)
+
+
+def sync_folders(folders: Iterable[str]) -> None:
+    """Sync each of *folders* (the entries changed in it reach the disk).  Raises OSError.
+
+    Folders that no longer exist are skipped: nothing in them can be relied on.
+    """
+    for folder in sorted(set(folders)):
+        try:
+            _fsync_path(folder, directory=True)
+        except FileNotFoundError:
+            continue
+
+
+def _sync_folder(folder: str, deferred: set[str] | None) -> None:
+    if deferred is None:
+        _fsync_path(folder, directory=True)
+    else:
+        deferred.add(folder)
+
+
+def replace_file(staged: str, final: str, *, fsync: bool = True, synced: bool = False,
+                 deferred: set[str] | None = None) -> None:
     """Move the complete file *staged* to *final* by rename, durably with *fsync*.
 
-    *synced* says the caller already synced *staged* itself.
+    *synced* says the caller already synced *staged* itself.  With *deferred*,
+    the folder sync after the rename is left to the caller: the folder is added
+    to it (the file itself is synced before the rename all the same, so the
+    name never reaches the disk ahead of the bytes).
     """
-    _makedirs(os.path.dirname(final), fsync)
+    _makedirs(os.path.dirname(final), fsync, deferred)
     if fsync and not synced:
         _fsync_path(staged)
     os.replace(staged, final)
     if fsync:
-        _fsync_path(os.path.dirname(final), directory=True)
+        _sync_folder(os.path.dirname(final), deferred)
 
 
 def _remove_superseded(folder: str, names: Iterable[str], keep: set[str],
-                       protect: Sequence[str], fsync: bool) -> None:
+                       protect: Sequence[str], fsync: bool,
+                       deferred: set[str] | None = None) -> None:
     for name in names:
         if name in keep:
             continue
@@ -370,7 +436,7 @@ def _remove_superseded(folder: str, names: Iterable[str], keep: set[str],
             os.unlink(path)
             log.info("removed %s: the previous output's data file", path)
             if fsync:
-                _fsync_path(os.path.dirname(path), directory=True)
+                _sync_folder(os.path.dirname(path), deferred)
 
 
 def _same(a: str, b: str) -> bool:
@@ -388,6 +454,7 @@ def publish(
     superseded: Iterable[str] = (),
     protect: Sequence[str] = (),
     fsync: bool = True,
+    deferred: set[str] | None = None,
 ) -> None:
     """Move the staged *model* and its *data* files into place (names relative to the folder).
 
@@ -397,6 +464,13 @@ def publish(
     is in place, unless they are part of the new output or the same file as
     one in *protect*.  Signals are held throughout.  Raises OutputError when the
     destination cannot take the files; nothing is moved then.
+
+    With *fsync* and a *deferred* set, every file is still synced before its
+    rename and every step that orders two renames (the old model's removal,
+    the data files before the model) is still synced before the next, but the
+    folder syncs after the model's own rename (and after superseded files are
+    removed) are left to the caller: the folders are added to *deferred*.  A
+    batch syncs them once per chunk of models, before it records the outputs.
     """
     folder = staging.folder
     check_destination(folder, [model, *data])
@@ -421,7 +495,8 @@ def publish(
                     _fsync_path(folder, directory=True)
             for name in data:
                 replace_file(staged(name), final(name), fsync=fsync, synced=True)
-            replace_file(staged(model), final(model), fsync=fsync, synced=True)
-            _remove_superseded(folder, superseded, {model, *data}, protect, fsync)
+            replace_file(staged(model), final(model), fsync=fsync, synced=True,
+                         deferred=deferred)
+            _remove_superseded(folder, superseded, {model, *data}, protect, fsync, deferred)
         except OSError as e:
             raise OutputError(f"cannot move the output into place: {e.strerror or e}") from e

@@ -246,14 +246,24 @@ class _UnitWriter:
         self.want_digests = want_digests
         self.sources = Sources()
         self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-        if take_budget is None:
-            state = bytearray(_REPORT_AT)
-            _set(state, _BUDGET, _dirty_budget())
-            take_budget = _shared_budget(state)
-        self.take_budget = take_budget
-        self.buffer = bytearray(BUFFER_SIZE)
+        # set up on first use: most small models copy no payload at all
+        self._take_budget = take_budget
+        self._buffer: bytearray | None = None
         self.kernel_copy = hasattr(os, "copy_file_range")
         self.digests: dict[int, str] = {}
+
+    def take_budget(self, length: int) -> bool:
+        if self._take_budget is None:
+            state = bytearray(_REPORT_AT)
+            _set(state, _BUDGET, _dirty_budget())
+            self._take_budget = _shared_budget(state)
+        return self._take_budget(length)
+
+    @property
+    def buffer(self) -> bytearray:
+        if self._buffer is None:
+            self._buffer = bytearray(BUFFER_SIZE)
+        return self._buffer
 
     def do(self, unit: _Unit) -> None:
         if unit.data is not None:

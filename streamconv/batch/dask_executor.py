@@ -1,40 +1,46 @@
-"""The Dask executor: one task per model on a Dask cluster (``--scheduler``).
+"""The Dask executor: one task per chunk of models on a Dask cluster (``--scheduler``).
 
-Each task runs the same :func:`~streamconv.batch.job.run_job` as the local pool,
-in a child process of the Dask worker, so that an abort or a segfault in onnx's
-C++ code fails that model and not the worker; the time limit is enforced on
-that child too.  The child dies with its worker (``PR_SET_PDEATHSIG``), and the
-staging folder of a child that died is removed (its owner is gone).  A worker
-lost mid-task (Dask's ``KilledWorker``) has its model retried once elsewhere,
-then reported as failed with the reason.  Workers must share SRC and DST
-(a shared file system).
+Models are grouped as the local pool groups them (:func:`.executors.plan_chunks`:
+large models alone, small ones in chunks).  A task runs its chunk on a worker
+process of the local pool's kind, started by the Dask worker and kept for the
+next tasks (so onnx is imported once per Dask worker, not once per model), with
+the local pool's guarantees: an abort or a segfault in onnx's C++ code fails
+that model and not the Dask worker, the models of the chunk after it run on a
+fresh process, the time limit holds per model, folders are synced once per
+chunk.  That process dies with its Dask worker (``PR_SET_PDEATHSIG``), and the
+staging folder of a process that died is removed (its owner is gone).  A Dask
+worker lost mid-task (Dask's ``KilledWorker``) has its chunk retried once
+elsewhere; a chunk lost twice is split, each of its models retried as a task of
+its own, and a single model lost twice is reported as failed with the reason.
+Workers must share SRC and DST (a shared file system).
 
 ``distributed`` is an optional dependency: ``pip install streamconv[dask]``.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
-import json
+import dataclasses
 import os
-import pickle
-import signal
-import subprocess
-import sys
+import shutil
+import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..errors import UsageError
 from ..publish import sweep_stale
-from .executors import exit_description
+from .executors import LocalPool, plan_chunks
 from .options import BatchOptions
 from .plan import Job
 from .report import FAILED, ModelResult
 
-__all__ = ["DaskExecutor", "run_isolated"]
+__all__ = ["DaskExecutor", "memory_estimate", "run_chunk"]
 
-#: Times Dask may rerun a task whose worker was lost, before the model fails.
+#: Times Dask may rerun a task whose worker was lost, before the chunk is split
+#: (or, for a single model, before it fails).
 RETRIES = 1
 #: The Dask resource a task claims, in bytes, when every worker declares it
 #: (``dask worker --resources MEMORY=8e9``; ``--scheduler local`` declares each
@@ -47,83 +53,85 @@ BASE_MEMORY = 256 << 20
 #: (the benchmark measured about 6 KB per node on graph-heavy models; with margin).
 PER_SKELETON_BYTE = 16
 PER_NODE = 16 << 10
-#: How long the batch waits for a cancelled local task's child to end before it
-#: removes the child's staging folder.
+#: How long the batch waits for a cancelled local task's worker process to end before
+#: it removes the process's staging folders.
 _SWEEP_SECONDS = 30.0
-#: after a batch, how long staging folders still owned (a lost task's child that is
+#: after a batch, how long staging folders still owned (a lost task's process that is
 #: still dying) are waited for; another live batch's folders are never removed
 _LOST_SWEEP_SECONDS = 5.0
+#: A Dask worker ends its idle conversion processes after this long without a task.
+IDLE_SECONDS = 60.0
 
-#: What a task's child runs: ``python -c _CHILD_BOOT <sys.path>``, (job, options)
-#: pickled on stdin, the ModelResult pickled on stdout.
-_CHILD_BOOT = (
-    "import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
-    "from streamconv.batch.dask_executor import _child_main; _child_main()"
-)
+# -- the task side: runs on a Dask worker ----------------------------------------------------
 
-
-def _die_with_parent() -> None:
-    # Linux: the child gets SIGKILL when the Dask worker process that started it
-    # ends, so a killed worker leaves no conversion running behind it.
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+_IDLE_POOLS: list[LocalPool] = []
+_LAST_USED: dict[int, float] = {}
+_LOCK = threading.Lock()
 
 
-def _child_main() -> None:
-    """Body of a task's child process."""
-    from .job import run_job
-
-    _die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the batch decides, not a terminal
-    job, options = pickle.load(sys.stdin.buffer)
-    out = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)  # nothing but the result may reach the pipe
-    result = run_job(job, options, lambda done: None)
-    pickle.dump(result, out)
-    out.flush()
+def _close(pool: LocalPool) -> None:
+    pool.close()
+    shutil.rmtree(pool.workdir, ignore_errors=True)
 
 
-def _failed(job: Job, options: BatchOptions, seconds: float, error: str) -> ModelResult:
-    return ModelResult(source=job.rel, destination=job.rel, status=FAILED, action="convert",
-                       opset_to=options.opset, bytes_in=job.size, seconds=round(seconds, 4),
-                       error=error)
+def _acquire() -> LocalPool:
+    """An idle pool of one persistent worker process, or a new one."""
+    with _LOCK:
+        if _IDLE_POOLS:
+            return _IDLE_POOLS.pop()
+    pool = LocalPool(tempfile.mkdtemp(prefix="streamconv-task-"), persistent=True)
+    atexit.register(_close, pool)
+    return pool
 
 
-def run_isolated(job: Job, options: BatchOptions) -> ModelResult:
-    """Run *job* in a child process; a crash or a time-out fails only this model.
+def _release(pool: LocalPool) -> None:
+    with _LOCK:
+        _IDLE_POOLS.append(pool)
+        _LAST_USED[id(pool)] = time.monotonic()
+    timer = threading.Timer(IDLE_SECONDS, _close_idle)
+    timer.daemon = True
+    timer.start()
 
-    This is the Dask task: it runs on a worker and never raises for a model.
+
+def _close_idle() -> None:
+    """End the pools nobody used for IDLE_SECONDS (their processes hold memory)."""
+    now = time.monotonic()
+    with _LOCK:
+        stale = [p for p in _IDLE_POOLS if now - _LAST_USED.get(id(p), now) >= IDLE_SECONDS - 1]
+        for pool in stale:
+            _IDLE_POOLS.remove(pool)
+            _LAST_USED.pop(id(pool), None)
+    for pool in stale:
+        _close(pool)
+
+
+def run_chunk(jobs: Sequence[Job], options: BatchOptions) -> list[ModelResult]:
+    """Run *jobs* in order on a persistent worker process of this Dask worker; their results.
+
+    This is the Dask task.  A crash or a time-out fails only its model (the
+    rest of the chunk goes on in a fresh process); it never raises for a model.
+    A model whose output is in place but whose folder could not be synced comes
+    back with ``inputs`` cleared, so that the manifest does not record it.
     """
-    started = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _CHILD_BOOT, json.dumps(sys.path)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
+    results: list[ModelResult] = []
+    pool = _acquire()
     try:
-        out, err = proc.communicate(pickle.dumps((job, options)), timeout=options.timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        sweep_stale(os.path.dirname(job.dst))
-        return _failed(job, options, time.monotonic() - started,
-                       f"timed out after {options.timeout:g} s")
+        pool.run([list(jobs)], dataclasses.replace(options, jobs=1),
+                 lambda model, partial: results.append(model))
     except BaseException:
-        proc.kill()  # the task was cancelled: its child goes with it
-        proc.wait()
-        sweep_stale(os.path.dirname(job.dst))
+        # the pool killed its process and removed its staging folder; nothing of it stays
+        _close(pool)
         raise
-    if proc.returncode == 0:
-        with contextlib.suppress(Exception):
-            result: ModelResult = pickle.loads(out)
-            return result
-    how = exit_description(proc.returncode)
-    lines = [line.strip() for line in err.decode("utf-8", "replace").splitlines() if line.strip()]
-    sweep_stale(os.path.dirname(job.dst))  # the dead child's staging folder
-    return _failed(job, options, time.monotonic() - started,
-                   f"conversion process died ({how})"
-                   + (f"; last message: {lines[-1][:200]}" if lines else ""))
+    _release(pool)
+    return results
+
+
+# -- the client side -------------------------------------------------------------------------
+
+
+def _failed(job: Job, options: BatchOptions, error: str) -> ModelResult:
+    return ModelResult(source=job.rel, destination=job.rel, status=FAILED, action="convert",
+                       opset_to=options.opset, bytes_in=job.size, error=error)
 
 
 def memory_estimate(job: Job, options: BatchOptions) -> int:
@@ -149,8 +157,13 @@ def _declared_memory(client: Any) -> int | None:
     return int(min(amounts))
 
 
+def _threads(client: Any) -> int:
+    workers = client.scheduler_info().get("workers", {}).values()
+    return sum(int(w.get("nthreads", 1) or 1) for w in workers) or 1
+
+
 def _sweep(folders: set[str], seconds: float = _SWEEP_SECONDS) -> None:
-    """Remove the staging folders that cancelled or lost tasks' children left, once
+    """Remove the staging folders that cancelled or lost tasks' processes left, once
     they end (waiting at most *seconds* for staging folders still owned)."""
     deadline = time.monotonic() + seconds
     pending = set(folders)
@@ -175,7 +188,8 @@ def _import_distributed() -> Any:
 
 
 class DaskExecutor:
-    """Runs jobs as Dask tasks; results stream back through *on_result* as they end."""
+    """Runs jobs as Dask tasks, a chunk each; results come back through *on_result*
+    model by model as each chunk ends."""
 
     def __init__(self, options: BatchOptions,
                  on_result: Callable[[ModelResult, int], None]) -> None:
@@ -199,41 +213,53 @@ class DaskExecutor:
             client = distributed.Client(scheduler_file=options.scheduler_file)
         else:
             client = distributed.Client(options.scheduler)
-        futures: dict[Any, Job] = {}
-        running: dict[str, Job] = {}
+        futures: dict[Any, list[Job]] = {}
         try:
             # a task claims memory only where every worker declares how much it has,
             # and never more than the smallest has (or it would never run)
             declared = _declared_memory(client)
-            for job in jobs:
+
+            def submit(chunk: list[Job]) -> Any:
                 extra: dict[str, Any] = {}
                 if declared is not None:
-                    extra["resources"] = {MEMORY: min(memory_estimate(job, options), declared)}
+                    # the models of a chunk run one after the other
+                    need = max(memory_estimate(job, options) for job in chunk)
+                    extra["resources"] = {MEMORY: min(need, declared)}
                 # largest first, as the local pool does; retries cover a lost worker
-                key = f"streamconv-{job.index}-{os.getpid()}-{time.time_ns()}"
-                future = client.submit(run_isolated, job, options, pure=False, key=key,
-                                       retries=RETRIES, priority=job.size, **extra)
-                futures[future] = job
-                running[key] = job
-            for future in distributed.as_completed(futures):
-                job = futures[future]
-                running.pop(future.key, None)
+                key = f"streamconv-{chunk[0].index}-{os.getpid()}-{time.time_ns()}"
+                future = client.submit(run_chunk, chunk, options, pure=False, key=key,
+                                       retries=RETRIES, priority=max(j.size for j in chunk),
+                                       **extra)
+                futures[future] = chunk
+                return future
+
+            for chunk in plan_chunks(jobs, _threads(client)):
+                submit(chunk)
+            finished = distributed.as_completed(list(futures))
+            for future in finished:
+                chunk = futures.pop(future)
                 try:
-                    result = future.result()
+                    results = future.result()
                 except distributed.KilledWorker:
-                    result = _failed(job, options, 0.0,
-                                     f"the Dask worker running it was lost {RETRIES + 1} times "
-                                     "(KilledWorker); nothing of it was published")
-                except Exception as e:  # a task error is one model's failure
-                    result = _failed(job, options, 0.0, f"Dask task failed: "
-                                     f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
-                self.on_result(result, 0)
-            # a worker lost mid-task (retried elsewhere) leaves its child's staging
-            # folder until that child has died; remove it once it has
+                    if len(chunk) > 1:  # lost twice: which model did it? each alone finds out
+                        for job in chunk:
+                            finished.add(submit([job]))
+                        continue
+                    results = [_failed(chunk[0], options,
+                                       f"the Dask worker running it was lost {RETRIES + 1} "
+                                       "times (KilledWorker); nothing of it was published")]
+                except Exception as e:  # a task error is its models' failure
+                    reason = f"Dask task failed: {type(e).__name__}: " \
+                        f"{' '.join(str(e).split())[:300]}"
+                    results = [_failed(job, options, reason) for job in chunk]
+                for model in results:
+                    self.on_result(model, 0)
+            # a worker lost mid-task (retried elsewhere) leaves its process's staging
+            # folder until that process has died; remove it once it has
             _sweep({os.path.dirname(j.dst) for j in jobs}, seconds=_LOST_SWEEP_SECONDS)
         except BaseException:
             # Ctrl-C, SIGTERM: nothing more starts.  A running task finishes its
-            # atomic publish on a remote cluster; on a LocalCluster its child dies
+            # atomic publish on a remote cluster; on a LocalCluster its process dies
             # with the worker and its staging folder is removed below.
             with contextlib.suppress(Exception):
                 client.cancel(list(futures), force=True)
@@ -244,4 +270,4 @@ class DaskExecutor:
             if cluster is not None:
                 with contextlib.suppress(Exception):
                     cluster.close()
-                _sweep({os.path.dirname(j.dst) for j in running.values()})
+                _sweep({os.path.dirname(j.dst) for chunk in futures.values() for j in chunk})

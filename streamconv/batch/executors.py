@@ -1,21 +1,39 @@
 """Executors: who runs the jobs.
 
-The local pool: worker processes of our own, each converting one model at a time.
-A worker that crashes (a C++ abort, a segfault) or runs past the time limit is
-killed and replaced, the model is reported as failed and the batch goes on; the
-parent removes the staging folder of a worker it killed or that died.
+The local pool: worker processes of our own.  Each imports onnx once and
+converts model after model; small models go to it in chunks (one message for
+many models), large ones alone.  A worker that crashes (a C++ abort, a
+segfault) or runs past the time limit on one model is killed and replaced: that
+model is reported as failed, the models of its chunk it had not reached go to
+the next worker, and the batch goes on; the parent removes the staging folder
+of a worker it killed or that died.
+
+Durability is paid per chunk, not per model: every output file is synced before
+its rename as always, but the folder syncs after the renames are collected and
+done once per folder when the chunk is through, and only then does the parent
+take the chunk's outputs as done (the manifest records nothing that is not
+durably in place).  When a worker dies before that, the parent syncs the folders
+of the outputs it had published and then takes them as done (an output whose
+folder cannot be synced is reported, but not recorded: the next run redoes it).
+
+The same worker processes run the Dask executor's chunks (:class:`LocalPool`
+with ``persistent``), one per task running on a Dask worker.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import dataclasses
 import json
 import logging
+import math
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -23,65 +41,118 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from ..errors import StreamconvError
-from ..publish import (
-    sweep_stale,
-)
+from ..publish import sweep_stale, sync_folders
 from .job import run_job
 from .options import BatchOptions
 from .plan import Job
-from .report import FAILED, ModelResult
+from .report import FAILED, ModelResult, error_text
+
+__all__ = ["CHUNK_BELOW", "CHUNK_MODELS", "LocalPool", "exit_description", "plan_chunks"]
 
 #: How often a worker reports progress on one model, at most.
 _PROGRESS_INTERVAL = 0.1
-#: A model file smaller than this is expected to convert quickly, so the next job is
-#: sent to its worker ahead of time.
-_PREFETCH_BELOW = 1 << 20
+#: A model file smaller than this is expected to convert quickly: such models go to
+#: the workers in chunks, and the next chunk is sent to a worker ahead of time.
+CHUNK_BELOW = 1 << 20
+#: Most models in one chunk.
+CHUNK_MODELS = 32
+#: Chunks per worker at least, so that the last ones spread evenly over the workers.
+_CHUNKS_PER_WORKER = 4
 #: Workers that die before taking a job, in a row, before the batch gives up.
 _MAX_START_FAILURES = 3
 _JOIN_SECONDS = 5.0
 
-#: What a worker runs: ``python -c _WORKER_BOOT <socket fd> <sys.path>``.
+#: What a worker runs: ``python -c _WORKER_BOOT <socket fd> <sys.path> <parent pid>``.
 #: It takes the parent's import path, so it imports this very copy of streamconv.
 _WORKER_BOOT = (
     "import json, sys; sys.path[:] = json.loads(sys.argv[2]); "
-    "from streamconv.batch.executors import _worker_main; _worker_main(int(sys.argv[1]))"
+    "from streamconv.batch.executors import _worker_main; "
+    "_worker_main(int(sys.argv[1]), int(sys.argv[3]))"
 )
 
 
-def _worker_main(fd: int) -> None:
-    """Body of a worker process: options, then jobs, from the socket *fd* until None or EOF.
+def plan_chunks(jobs: Sequence[Job], workers: int) -> list[list[Job]]:
+    """Group *jobs* for *workers* processes: largest first, each large model alone,
+    small ones (under :data:`CHUNK_BELOW`) together, at most :data:`CHUNK_MODELS` a
+    chunk and at least a few chunks per worker."""
+    ordered = sorted(jobs, key=lambda j: (-j.size, j.index))
+    chunks = [[j] for j in ordered if j.size >= CHUNK_BELOW]
+    small = [j for j in ordered if j.size < CHUNK_BELOW]
+    size = max(1, min(CHUNK_MODELS, math.ceil(len(small) / (max(1, workers)
+                                                          * _CHUNKS_PER_WORKER))))
+    chunks += [small[i:i + size] for i in range(0, len(small), size)]
+    return chunks
 
-    The parent started us with stdout on /dev/null and stderr on a log file it
-    reads when we die, in a session of our own so that a Ctrl-C at the terminal
-    reaches only the parent, which decides what happens to us.
+
+def _folders_of(job: Job) -> set[str]:
+    """The folders whose sync a job's publish may have left to its worker: the output's
+    own and each above it up to DST (new ones among them)."""
+    folders = set()
+    path = os.path.dirname(job.dst)
+    for _ in range(job.rel.count("/") + 1):
+        folders.add(path)
+        path = os.path.dirname(path)
+    return folders
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: get SIGKILL when the thread that started us ends (the Dask worker's
+    spawning thread, which lives as long as its process), so a killed Dask worker
+    leaves no conversion running behind it."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it ended before the request took hold
+        os._exit(1)
+
+
+def _worker_main(fd: int, parent: int = 0) -> None:
+    """Body of a worker process: chunks of jobs from the socket *fd* until None or EOF.
+
+    Each message is ``(options, jobs)``; for each job the worker sends
+    ``("done", index, result)`` as soon as it is published, then, when the chunk
+    is through and the folders its outputs changed are synced, ``("synced",
+    indices, error)``.  The parent started us with stdout on /dev/null and stderr
+    on a log file it reads when we die, in a session of our own so that a Ctrl-C
+    at the terminal reaches only the parent, which decides what happens to us.
+    With *parent*, we die with the thread that started us.
     """
+    if parent:
+        _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     conn = Connection(fd)
-    try:
-        options = conn.recv()
-    except (EOFError, OSError):
-        return
     conn.send(("ready",))
     while True:
         try:
-            job = conn.recv()
+            message = conn.recv()
         except (EOFError, OSError):
             return  # the parent is gone
-        if job is None:
+        if message is None:
             return
-        with contextlib.suppress(OSError):
-            os.ftruncate(2, 0)  # the log holds what this job wrote, nothing older
-        last = time.monotonic()  # a model done within the interval sends no progress at all
+        options, chunk = message
+        folders: set[str] | None = set() if options.fsync else None
+        for job in chunk:
+            with contextlib.suppress(OSError):
+                os.ftruncate(2, 0)  # the log holds what this job wrote, nothing older
+            last = time.monotonic()  # a model done within the interval sends no progress
 
-        def send_progress(done: int, index: int = job.index) -> None:
-            nonlocal last
-            now = time.monotonic()
-            if now - last >= _PROGRESS_INTERVAL:
-                last = now
-                conn.send(("progress", index, done))
+            def send_progress(done: int, index: int = job.index) -> None:
+                nonlocal last
+                now = time.monotonic()
+                if now - last >= _PROGRESS_INTERVAL:
+                    last = now
+                    conn.send(("progress", index, done))
 
-        conn.send(("done", job.index, run_job(job, options, send_progress)))
+            conn.send(("done", job.index, run_job(job, options, send_progress, folders)))
+        error = None
+        try:
+            sync_folders(folders or ())
+        except OSError as e:
+            error = error_text(e)
+        conn.send(("synced", [job.index for job in chunk], error))
+
 
 def exit_description(code: int | None) -> str:
     """How a child process ended, from its return code, in words."""
@@ -93,19 +164,40 @@ def exit_description(code: int | None) -> str:
     return f"exited with code {code}"
 
 
-class _Slot:
-    """One worker process and the job it is on."""
+#: Starts the workers that must die with their parent (see :func:`_die_with_parent`):
+#: its one thread lives as long as the process, unlike the threads Dask runs tasks on.
+_SPAWNER: concurrent.futures.ThreadPoolExecutor | None = None
+_SPAWNER_LOCK = threading.Lock()
 
-    def __init__(self, options: BatchOptions, log_path: str) -> None:
+
+def _popen(argv: list[str], *, die_with_parent: bool, **kwargs: Any) -> subprocess.Popen[bytes]:
+    global _SPAWNER
+
+    def start() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(argv, **kwargs)
+
+    if not die_with_parent:
+        return start()
+    with _SPAWNER_LOCK:
+        if _SPAWNER is None:
+            _SPAWNER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="streamconv")
+    return _SPAWNER.submit(start).result()
+
+
+class _Slot:
+    """One worker process and the chunks it holds."""
+
+    def __init__(self, log_path: str, die_with_parent: bool = False) -> None:
         self.log_path = log_path
         ours, theirs = socket.socketpair()
         try:
             with open(log_path, "ab") as log:
                 # A plain subprocess rather than multiprocessing: it imports only streamconv,
                 # never the caller's __main__, and works whatever that main module is.
-                self.proc = subprocess.Popen(
+                self.proc = _popen(
                     [sys.executable, "-c", _WORKER_BOOT, str(theirs.fileno()),
-                     json.dumps(sys.path)],
+                     json.dumps(sys.path), str(os.getpid() if die_with_parent else 0)],
+                    die_with_parent=die_with_parent,
                     pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
                 )
@@ -115,11 +207,13 @@ class _Slot:
         finally:
             theirs.close()  # so that our end reads EOF when the worker dies
         self.conn = Connection(ours.detach())
-        self.conn.send(options)
         self.ready = False
         self.dead = False
-        #: jobs sent and not yet done: the first is running, the others wait in the socket
-        self.jobs: deque[Job] = deque()
+        #: chunks sent and not yet synced, each the jobs not yet done: the first job of
+        #: the first chunk is running (an empty first chunk: its folders are being synced)
+        self.chunks: deque[deque[Job]] = deque()
+        #: the first chunk's jobs done, with their results, held until its folders are synced
+        self.held: list[tuple[Job, ModelResult]] = []
         #: when the running job started (as far as the parent can tell)
         self.started = 0.0
         #: model-file bytes of the running job done so far
@@ -128,23 +222,45 @@ class _Slot:
     @property
     def job(self) -> Job | None:
         """The job the worker is on, if any."""
-        return self.jobs[0] if self.jobs else None
+        return self.chunks[0][0] if self.chunks and self.chunks[0] else None
 
-    def give(self, job: Job) -> bool:
+    @property
+    def busy(self) -> bool:
+        return bool(self.chunks)
+
+    def give(self, options: BatchOptions, chunk: Sequence[Job]) -> bool:
         try:
-            self.conn.send(job)
+            self.conn.send((options, list(chunk)))
         except OSError:
             self.dead = True
             return False
-        if not self.jobs:
+        if not self.chunks:
             self.started, self.partial = time.monotonic(), 0
-        self.jobs.append(job)
+        self.chunks.append(deque(chunk))
         return True
 
-    def finish(self) -> None:
+    def finish(self, result: ModelResult) -> None:
         """The running job is done; the next one sent, if any, runs from now."""
-        self.jobs.popleft()
+        self.held.append((self.chunks[0].popleft(), result))
         self.started, self.partial = time.monotonic(), 0
+
+    def synced(self) -> list[tuple[Job, ModelResult]]:
+        """The first chunk's folders are synced: its results, no longer held."""
+        self.chunks.popleft()
+        held, self.held = self.held, []
+        self.started, self.partial = time.monotonic(), 0
+        return held
+
+    def lost(self) -> tuple[Job | None, list[tuple[Job, ModelResult]], list[list[Job]]]:
+        """For a dead worker: (its running job, results done but not synced, the chunks
+        of the jobs it had not started)."""
+        running = self.job
+        if running is not None:
+            self.chunks[0].popleft()
+        rest = [list(chunk) for chunk in self.chunks if chunk]
+        self.chunks.clear()
+        held, self.held = self.held, []
+        return running, held, rest
 
     def messages(self) -> Iterator[tuple[Any, ...]]:
         try:
@@ -176,6 +292,11 @@ class _Slot:
             # the owner is gone now, so its staging folder counts as stale
             sweep_stale(os.path.dirname(self.job.dst))
 
+    def stop(self) -> None:
+        """Ask an idle worker to end."""
+        with contextlib.suppress(OSError):
+            self.conn.send(None)
+
     def death(self) -> str:
         """Why the process ended, with the last line it wrote to stderr if any."""
         self.join(_JOIN_SECONDS)
@@ -205,56 +326,93 @@ def _signals_held() -> Iterator[None]:
 
 
 class LocalPool:
-    """Worker processes that survive crashes and time-outs of the models they convert."""
+    """Worker processes that survive crashes and time-outs of the models they convert.
 
-    def __init__(self, options: BatchOptions, dst_dir: str, workdir: str,
-                 on_result: Callable[[ModelResult, int], None],
-                 on_progress: Callable[[int], None]) -> None:
-        self.options = options
-        self.dst_dir = dst_dir
+    ``run`` hands out chunks of jobs and passes every model's result to
+    *on_result* once its output is durably in place (with ``inputs`` cleared
+    when it is in place but its folder could not be synced, so that nothing
+    records it as done).  With *persistent*, the workers idle between runs instead of
+    ending (the Dask executor keeps one per task slot); :meth:`close` ends them.
+    """
+
+    def __init__(self, workdir: str, on_progress: Callable[[int], None] | None = None, *,
+                 persistent: bool = False) -> None:
         self.workdir = workdir
-        self.on_result = on_result
         self.on_progress = on_progress
+        self.persistent = persistent
         self.started = 0
         self.start_failures = 0
         self.slots: list[_Slot] = []
+        self.idle: list[_Slot] = []
+        self.options: BatchOptions | None = None
+        self.on_result: Callable[[ModelResult, int], None] = lambda m, p: None
 
     def _start(self) -> _Slot:
+        if self.idle:
+            slot = self.idle.pop()
+            if not slot.gone():
+                return slot
+            slot.kill()
         self.started += 1
         log_path = os.path.join(self.workdir, f"worker-{self.started}.log")
-        return _Slot(self.options, log_path)
+        return _Slot(log_path, die_with_parent=self.persistent)
 
-    def _lost(self, slot: _Slot, reason: str, pending: deque[Job]) -> None:
+    def _failed(self, job: Job, seconds: float, reason: str) -> ModelResult:
+        assert self.options is not None
+        return ModelResult(source=job.rel, destination=job.rel, status=FAILED,
+                           action="convert", opset_to=self.options.opset, bytes_in=job.size,
+                           seconds=round(seconds, 4), error=reason)
+
+    def _release(self, done: Sequence[tuple[Job, ModelResult]], error: str | None = None,
+                 *, sync: bool = False) -> None:
+        """Pass on the results of outputs in place whose folders are synced.
+
+        With *sync* (the worker ended before it synced them), the folders are
+        synced here first.  Where a sync failed, the result goes on unrecorded
+        (``inputs`` cleared), so that the next run redoes the output.
+        """
+        assert self.options is not None
+        if sync and done and self.options.fsync:
+            try:
+                sync_folders(set().union(*(_folders_of(job) for job, _ in done)))
+            except OSError as e:
+                error = error_text(e)
+        for _, model in done:
+            if error is not None and model.inputs is not None:
+                model = dataclasses.replace(model, inputs=None, warnings=[
+                    *model.warnings, f"its folder could not be synced ({error}); it is "
+                    "redone next time"])
+            self.on_result(model, self._partial_bytes())
+
+    def _lost(self, slot: _Slot, reason: str, pending: deque[list[Job]]) -> None:
         """Report the running job of a dead or killed worker as failed.
 
-        Jobs sent to it that had not started go back to the front of *pending*.
+        Jobs sent to it that had not started go back to the front of *pending*;
+        outputs it published whose folders it had not synced are reported, unrecorded.
         """
-        job = slot.job
-        if job is None:
-            return
-        slot.jobs.popleft()
-        pending.extendleft(reversed(slot.jobs))
-        slot.jobs.clear()
-        self.on_result(ModelResult(
-            source=job.rel, destination=job.rel, status=FAILED, action="convert",
-            opset_to=self.options.opset, bytes_in=job.size,
-            seconds=round(time.monotonic() - slot.started, 4), error=reason,
-        ), self._partial_bytes())
+        running, held, rest = slot.lost()
+        pending.extendleft(reversed(rest))
+        self._release(held, sync=True)
+        if running is not None:
+            self.on_result(self._failed(running, time.monotonic() - slot.started, reason),
+                           self._partial_bytes())
 
-    def run(self, jobs: Sequence[Job]) -> None:
-        """Run every job; results arrive through on_result.  Cleans up on any exit."""
-        # Largest first, so a huge model starts early and runs beside the small ones.
-        pending = deque(sorted(jobs, key=lambda j: (-j.size, j.index)))
-        self.slots = [self._start() for _ in range(min(self.options.jobs, len(pending)))]
+    def run(self, chunks: Sequence[Sequence[Job]], options: BatchOptions,
+            on_result: Callable[[ModelResult, int], None]) -> None:
+        """Run every chunk; results arrive through *on_result*.  Cleans up on any exit."""
+        self.options, self.on_result = options, on_result
+        pending: deque[list[Job]] = deque(list(c) for c in chunks if c)
+        self.slots = [self._start() for _ in range(min(options.jobs, len(pending)))]
         retired: list[_Slot] = []
         try:
-            while pending or any(s.job is not None for s in self.slots):
+            while pending or any(s.busy for s in self.slots):
+                self._hand_out(pending)
                 self._wait()
                 for slot in list(self.slots):
                     for message in slot.messages():
                         self._handle(slot, message)
                     if slot.gone():
-                        if slot.job is None and not slot.ready:
+                        if not slot.busy and not slot.ready:
                             self.start_failures += 1
                             if self.start_failures >= _MAX_START_FAILURES:
                                 raise StreamconvError(
@@ -265,45 +423,52 @@ class LocalPool:
                         self._replace(slot, pending)
                     elif slot.job is not None and self._overdue(slot):
                         slot.kill()
-                        self._lost(slot, f"timed out after {self.options.timeout:g} s", pending)
+                        self._lost(slot, f"timed out after {options.timeout:g} s", pending)
                         self._replace(slot, pending)
-                for slot in self.slots:
-                    while slot.ready and pending and len(slot.jobs) < self._depth(slot):
-                        job = pending.popleft()
-                        if not slot.give(job):
-                            pending.appendleft(job)
-                            break
+                self._hand_out(pending)
                 if not pending:  # nothing left to hand out: let idle workers go
-                    for slot in [s for s in self.slots if s.job is None]:
+                    for slot in [s for s in self.slots if not s.busy]:
                         self.slots.remove(slot)
                         retired.append(slot)
-                        with contextlib.suppress(OSError):
-                            slot.conn.send(None)
+                        if not self.persistent:
+                            slot.stop()
         finally:
             with _signals_held():
                 self._shutdown(self.slots + retired)
+                self.slots = []
+
+    def _hand_out(self, pending: deque[list[Job]]) -> None:
+        assert self.options is not None
+        for slot in self.slots:
+            while slot.ready and pending and len(slot.chunks) < self._depth(slot):
+                chunk = pending.popleft()
+                if not slot.give(self.options, chunk):
+                    pending.appendleft(chunk)
+                    break
 
     @staticmethod
     def _depth(slot: _Slot) -> int:
-        """How many jobs a worker may hold: one more behind a small running job.
+        """How many chunks a worker may hold: one more behind a chunk of small models.
 
-        The extra job waits in the worker's socket, so the worker goes on without
+        The extra chunk waits in the worker's socket, so the worker goes on without
         waiting for us; behind a large model it would wait, so none is queued there.
         """
         running = slot.job
-        return 2 if running is not None and running.size < _PREFETCH_BELOW else 1
+        return 2 if running is not None and running.size < CHUNK_BELOW else 1
 
-    def _replace(self, slot: _Slot, pending: Sequence[Job]) -> None:
+    def _replace(self, slot: _Slot, pending: Sequence[Sequence[Job]]) -> None:
         """Swap a dead worker for a fresh one, if there is still work for it."""
         self.slots.remove(slot)
         if pending:
             self.slots.append(self._start())
 
     def _overdue(self, slot: _Slot) -> bool:
+        assert self.options is not None
         timeout = self.options.timeout
         return timeout is not None and time.monotonic() - slot.started > timeout
 
     def _wait(self) -> None:
+        assert self.options is not None
         timeout = None
         if self.options.timeout is not None:
             ends = [s.started + self.options.timeout for s in self.slots if s.job is not None]
@@ -321,21 +486,36 @@ class LocalPool:
             self.start_failures = 0
         elif kind == "progress" and slot.job is not None and message[1] == slot.job.index:
             slot.partial = int(message[2])
-            self.on_progress(self._partial_bytes())
+            if self.on_progress is not None:
+                self.on_progress(self._partial_bytes())
         elif kind == "done" and slot.job is not None and message[1] == slot.job.index:
-            slot.finish()
-            self.on_result(message[2], self._partial_bytes())
+            slot.finish(message[2])
+        elif kind == "synced" and slot.chunks and not slot.chunks[0]:
+            self._release(slot.synced(), message[2])
 
     def _partial_bytes(self) -> int:
         return sum(s.partial for s in self.slots if s.job is not None)
 
     def _shutdown(self, slots: Sequence[_Slot]) -> None:
+        ending = []
         for slot in slots:
-            if slot.job is not None or not slot.ready:
+            if slot.busy or not slot.ready:
                 slot.kill()  # interrupted mid-job: the parent, not the worker, cleans up
+                self._release(slot.lost()[1], sync=True)
+            elif self.persistent and not slot.gone():
+                self.idle.append(slot)
             else:
-                with contextlib.suppress(OSError):
-                    slot.conn.send(None)
-        for slot in slots:
+                slot.stop()
+                ending.append(slot)
+        for slot in ending:
+            slot.join(_JOIN_SECONDS)
+            slot.kill()
+
+    def close(self) -> None:
+        """End the idle workers of a persistent pool."""
+        idle, self.idle = self.idle, []
+        for slot in idle:
+            slot.stop()
+        for slot in idle:
             slot.join(_JOIN_SECONDS)
             slot.kill()

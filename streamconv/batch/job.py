@@ -16,6 +16,7 @@ from ..api import convert
 from ..errors import StreamconvError
 from ..publish import (
     Staging,
+    make_folders,
     previous_data_files,
     publish,
 )
@@ -31,7 +32,8 @@ log = logging.getLogger(__name__)
 
 
 def _copy_through(job: Job, probe: Probe, options: BatchOptions,
-                  progress: Callable[[int], None]) -> tuple[int, list[str]]:
+                  progress: Callable[[int], None],
+                  folder_syncs: set[str] | None) -> tuple[int, list[str]]:
     """Copy the model and its external-data files unchanged; return (bytes, data files).
 
     Raises ExternalDataError, exactly as convert() would, for references that
@@ -66,15 +68,21 @@ def _copy_through(job: Job, probe: Probe, options: BatchOptions,
             progress(job.size * copied // total)  # the bar counts model-file bytes
         superseded = previous_data_files(folder, name) if os.path.lexists(job.dst) else []
         publish(staging, name, probe.data_files, superseded=superseded,
-                protect=list(sources.values()), fsync=options.fsync)
+                protect=list(sources.values()), fsync=options.fsync, deferred=folder_syncs)
     finally:
         staging.cleanup()
     return copied, probe.data_files
 
 
-def run_job(job: Job, options: BatchOptions,
-             send_progress: Callable[[int], None]) -> ModelResult:
-    """Convert or copy one model into place; never raises for a model."""
+def run_job(job: Job, options: BatchOptions, send_progress: Callable[[int], None],
+            folder_syncs: set[str] | None = None) -> ModelResult:
+    """Convert or copy one model into place; never raises for a model.
+
+    With *folder_syncs*, the folders whose new entries still need a sync (after
+    the output's last rename, and the parents of folders made for it) are added
+    to it instead of being synced: the caller syncs them before it takes the
+    output as durably in place.
+    """
     if "://" in job.src or "://" in job.dst:
         from .remote import is_remote, run_remote_job
 
@@ -86,7 +94,7 @@ def run_job(job: Job, options: BatchOptions,
     # taken before anything is read: a change from here on shows on the next run
     source = file_identity(job.src)
     try:
-        os.makedirs(os.path.dirname(job.dst), exist_ok=True)
+        make_folders(os.path.dirname(job.dst), fsync=options.fsync, deferred=folder_syncs)
         try:
             probe: Probe | None = probe_model(job.src, options.size_threshold)
         except (StreamconvError, OSError):
@@ -104,14 +112,14 @@ def run_job(job: Job, options: BatchOptions,
         if probe is not None and probe.opset == options.opset and not options.force_convert:
             result.action = "copy"
             result.bytes_out, result.data_files = _copy_through(
-                job, probe, options, send_progress
+                job, probe, options, send_progress, folder_syncs
             )
             result.tensors_diverted = 0
             result.status = AT_TARGET
             if options.verify:
                 result.verify = "not run: copied unchanged"
         else:
-            _convert_one(job, probe, options, send_progress, result)
+            _convert_one(job, probe, options, send_progress, result, folder_syncs)
     except Exception as e:  # one model's failure, whatever it is, must not stop the batch
         result.status = FAILED
         result.error = error_text(e)
@@ -122,7 +130,7 @@ def run_job(job: Job, options: BatchOptions,
 
 def _convert_one(job: Job, probe: Probe | None, options: BatchOptions,
                  send_progress: Callable[[int], None],
-                 result: ModelResult) -> None:
+                 result: ModelResult, folder_syncs: set[str] | None) -> None:
     """Convert *job* into place, verifying the staged result first if asked."""
     layout = options.layout
     if layout == "auto" and probe is not None and probe.data_files:
@@ -148,7 +156,7 @@ def _convert_one(job: Job, probe: Probe | None, options: BatchOptions,
         checksum=options.checksum, inline_functions=options.inline_functions,
         reuse_data=options.reuse_data, data_name=data_name,
         strict_onnx=options.strict_onnx, fsync=options.fsync, progress=progress,
-        before_publish=before_publish,
+        before_publish=before_publish, folder_syncs=folder_syncs,
     )
     result.warnings = list(report.warnings)
     data_files = [os.path.relpath(report.data_file, os.path.dirname(job.dst)).replace(

@@ -473,10 +473,11 @@ def convert_remote_tree(src_dir: str, dst_dir: str, options: BatchOptions,
 
                 DaskExecutor(options, on_result).run(jobs)
             elif jobs:
-                from .executors import LocalPool
+                from .executors import LocalPool, plan_chunks
 
                 workdir = tempfile.mkdtemp(prefix="streamconv-batch-")
-                LocalPool(options, dst_dir, workdir, on_result, on_progress).run(jobs)
+                LocalPool(workdir, on_progress).run(plan_chunks(jobs, options.jobs), options,
+                                                    on_result)
         finally:
             if dst.remote:
                 # a worker that was killed (timeout, crash, Ctrl-C) could not abort

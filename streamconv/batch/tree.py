@@ -14,7 +14,7 @@ from ..errors import Interrupted, OutputError, UsageError
 from ..publish import (
     sweep_stale,
 )
-from .executors import LocalPool
+from .executors import LocalPool, plan_chunks
 from .job import copy_others
 from .manifest import Manifest
 from .options import BatchOptions
@@ -104,8 +104,8 @@ def convert_tree(
             DaskExecutor(options, on_result).run(jobs)
         elif jobs:
             workdir = tempfile.mkdtemp(prefix="streamconv-batch-")
-            pool = LocalPool(options, dst_dir, workdir, on_result, on_progress)
-            pool.run(jobs)
+            LocalPool(workdir, on_progress).run(plan_chunks(jobs, options.jobs), options,
+                                                on_result)
         if others:
             copy_others(src_dir, dst_dir, others, produced, options, result)
     except Interrupted as e:
