@@ -14,7 +14,8 @@ available.  Sizes whose input and two outputs do not fit on disk are skipped
 too.  Models live in a temporary folder that is removed at the end; results
 go to ``bench/results/`` (tiny.csv, bench.csv, nodes.csv, runs.csv, bench.png), each
 result with the versions of python, onnx, numpy, ml_dtypes, protobuf and
-onnxruntime it was measured with.
+onnxruntime it was measured with.  Then the throughput row (:mod:`bench.throughput`:
+a batch of many small node models against a serial onnx loop, throughput.csv).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
+from . import throughput as tp
 from .measure import CACHE_MODES, MeasureError, available_memory, measure
 from .models import (
     ModelFile,
@@ -109,6 +111,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--results", type=Path, default=RESULTS,
                    help="folder for the CSV files and the figure (default bench/results)")
     p.add_argument("--no-plot", action="store_true", help="do not draw the figure")
+    p.add_argument("--no-throughput", action="store_true",
+                   help="skip the throughput row (bench.throughput: many small models, "
+                   "the batch against a serial onnx loop)")
+    p.add_argument("--throughput-models", type=int, default=None,
+                   help=f"node models in the throughput row (default {tp.DEFAULT_MODELS}; "
+                   f"--quick {tp.QUICK_MODELS})")
     return p
 
 
@@ -257,6 +265,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning("interrupted; writing what was measured")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    throughput = [] if args.no_throughput else tp.run_throughput(
+        args.throughput_models or (tp.QUICK_MODELS if args.quick else tp.DEFAULT_MODELS),
+        tp.DEFAULT_OPSET, tp.DEFAULT_JOBS, 1 if args.quick else args.reps, tp.TOOLS,
+        args.results, args.workdir)
     write_csv(args.results / "tiny.csv", tiny)
     write_csv(args.results / "bench.csv", sizes)
     write_csv(args.results / "nodes.csv", nodes)
@@ -266,6 +278,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_versions([*tiny, *sizes, *nodes]))
     print()
     print("\n".join(check_goals(sizes, nodes, tiny)))
+    if throughput:
+        print()
+        print(tp.format_table(throughput))
+        print("\n".join(tp.check_goals(throughput)))
     if not args.no_plot and (sizes or nodes):
         from .plot import plot
 

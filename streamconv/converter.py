@@ -115,8 +115,10 @@ def _relabel_only(model: onnx.ModelProto, source: int, target: int) -> bool:
     for op in ops:
         try:
             schema = defs.get_schema(op, target, "")
-        except defs.SchemaError:
-            return False  # an op onnx does not know: its converter names the problem
+        except (defs.SchemaError, TypeError, ValueError):
+            # an op onnx does not know (or a name that is not text): its converter
+            # names the problem
+            return False
         if schema.since_version > source or schema.deprecated:
             return False
     return True

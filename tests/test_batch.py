@@ -43,12 +43,14 @@ ROOT = Path(__file__).resolve().parent.parent
 # started already): while converting a model whose source path matches FAULT_CRASH
 # (FAULT_HANG), the worker aborts (sleeps far past any time limit) with its output
 # half written: from the first progress report of the conversion, or just before
-# its publish when the model is too small to report progress.
+# its publish when the model is too small to report progress.  Every conversion
+# takes FAULT_SLOW seconds longer (just before its publish).
 FAULT_SITE = textwrap.dedent("""
     import fnmatch, os, time
     import streamconv.api
 
     _real = streamconv.api.convert
+    _slow = float(os.environ.get("FAULT_SLOW") or 0)
 
     def _matches(src, pattern):
         return bool(pattern) and (fnmatch.fnmatch(src, pattern)
@@ -71,6 +73,7 @@ FAULT_SITE = textwrap.dedent("""
             _fire(os.fspath(src))
 
         def on_publish(staged):
+            time.sleep(_slow)
             _fire(os.fspath(src))
             if before is not None:
                 before(staged)
@@ -83,14 +86,16 @@ FAULT_SITE = textwrap.dedent("""
 
 
 def inject_faults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, *, crash: str,
-                  hang: str) -> None:
-    """Make the batch's workers crash on models matching *crash*, hang on *hang*."""
+                  hang: str, slow: float = 0.0) -> None:
+    """Make the batch's workers crash on models matching *crash*, hang on *hang*, and
+    take *slow* seconds longer over every model."""
     site = tmp_path / "fault-site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(FAULT_SITE)
     monkeypatch.setenv("PYTHONPATH", f"{site}{os.pathsep}{ROOT}")
     monkeypatch.setenv("FAULT_CRASH", crash)
     monkeypatch.setenv("FAULT_HANG", hang)
+    monkeypatch.setenv("FAULT_SLOW", str(slow))
 
 
 def run_batch(argv: list[str]) -> int:

@@ -281,3 +281,29 @@ def test_ctrl_c_cancels_and_leaves_no_partial_output(
     assert "interrupted" in stderr and "Traceback" not in stderr
     assert not (out / "hang" / "hang.onnx").exists()
     assert leftovers_below(out) == [], stderr[-2000:]
+
+
+def test_a_crash_inside_a_chunk_fails_only_its_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.test_batch_executors import chunks_of, flat_tree, recorded
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    names = flat_tree(src, 24)
+    crash = "m04.onnx"
+    assert ["m03.onnx", crash, "m05.onnx"] in chunks_of(src, names, 2)  # one task
+    inject_faults(monkeypatch, tmp_path, crash=crash, hang="")
+    with cluster() as c, distributed.Client(c) as client:
+        options = BatchOptions(opset=13, jobs=2, scheduler=c.scheduler_address)
+        workers_before = set(client.scheduler_info()["workers"])
+        models = by_source(convert_tree(src, out, options))
+        assert set(client.scheduler_info()["workers"]) == workers_before
+        rerun = by_source(convert_tree(src, out, options))
+    assert models[crash].status == FAILED  # type: ignore[attr-defined]
+    assert "SIGABRT" in models[crash].error  # type: ignore[attr-defined]
+    assert {rel for rel, m in models.items()
+            if m.status == CONVERTED} == set(names) - {crash}  # type: ignore[attr-defined]
+    assert recorded(out) == set(names) - {crash}
+    assert leftovers_below(out) == []
+    assert {rel: m.status for rel, m in rerun.items()} == {  # type: ignore[attr-defined]
+        rel: FAILED if rel == crash else SKIPPED for rel in names}
