@@ -187,7 +187,8 @@ def _popen(argv: list[str], *, die_with_parent: bool, **kwargs: Any) -> subproce
 class _Slot:
     """One worker process and the chunks it holds."""
 
-    def __init__(self, log_path: str, die_with_parent: bool = False) -> None:
+    def __init__(self, log_path: str, die_with_parent: bool = False,
+                 environ: dict[str, str] | None = None) -> None:
         self.log_path = log_path
         ours, theirs = socket.socketpair()
         try:
@@ -197,7 +198,7 @@ class _Slot:
                 self.proc = _popen(
                     [sys.executable, "-c", _WORKER_BOOT, str(theirs.fileno()),
                      json.dumps(sys.path), str(os.getpid() if die_with_parent else 0)],
-                    die_with_parent=die_with_parent,
+                    die_with_parent=die_with_parent, env=environ,
                     pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
                 )
@@ -333,13 +334,15 @@ class LocalPool:
     when it is in place but its folder could not be synced, so that nothing
     records it as done).  With *persistent*, the workers idle between runs instead of
     ending (the Dask executor keeps one per task slot); :meth:`close` ends them.
+    The workers get *environ* as their environment (default: this process's).
     """
 
     def __init__(self, workdir: str, on_progress: Callable[[int], None] | None = None, *,
-                 persistent: bool = False) -> None:
+                 persistent: bool = False, environ: dict[str, str] | None = None) -> None:
         self.workdir = workdir
         self.on_progress = on_progress
         self.persistent = persistent
+        self.environ = environ
         self.started = 0
         self.start_failures = 0
         self.slots: list[_Slot] = []
@@ -355,7 +358,7 @@ class LocalPool:
             slot.kill()
         self.started += 1
         log_path = os.path.join(self.workdir, f"worker-{self.started}.log")
-        return _Slot(log_path, die_with_parent=self.persistent)
+        return _Slot(log_path, die_with_parent=self.persistent, environ=self.environ)
 
     def _failed(self, job: Job, seconds: float, reason: str) -> ModelResult:
         assert self.options is not None
