@@ -401,6 +401,7 @@ def convert(
     before_publish: Callable[[str], None] | None = None,
     storage_options: dict[str, Any] | None = None,
     folder_syncs: set[str] | None = None,
+    staging: str | None = None,
 ) -> Report:
     """Convert the ONNX model at *src* to ai.onnx *opset* and write it to *dst*.
 
@@ -435,6 +436,9 @@ def convert(
     the model's last rename is left to the caller, who finds the folder in
     *folder_syncs* (:func:`streamconv.publish.sync_folders`; batch syncs each
     folder once per chunk of models); the files are synced all the same.
+    *staging* names a staging folder of this process to stage the output in
+    (see :class:`streamconv.publish.Staging`), used when it is on dst's file
+    system; by default a new one is made beside dst.
 
     Raises UsageError for bad options, WireFormatError/LimitError for a
     malformed input, ExternalDataError for bad external-data references,
@@ -482,7 +486,7 @@ def convert(
             except OutputError as e:
                 raise e.with_file(dst) from None
         job = _Job(dst, progress, fsync=fsync, before_publish=before_publish,
-                   folder_syncs=folder_syncs)
+                   folder_syncs=folder_syncs, staging=staging)
     job.protect = [src]
     fetched: list[Any] = []
     with contextlib.ExitStack() as remotes:
@@ -676,12 +680,13 @@ class _Job:
 
     def __init__(self, dst: str, progress: ProgressCallback | None, *, fsync: bool = True,
                  before_publish: Callable[[str], None] | None = None,
-                 folder_syncs: set[str] | None = None) -> None:
+                 folder_syncs: set[str] | None = None, staging: str | None = None) -> None:
         self.dst = dst
         self.progress = progress
         self.fsync = fsync
         self.before_publish = before_publish
         self.folder_syncs = folder_syncs
+        self.staging = staging
         #: files the publish must never remove (the input and its data files)
         self.protect: list[str] = []
         self._out: Staging | None = None
@@ -704,7 +709,8 @@ class _Job:
     @property
     def out(self) -> Staging:
         if self._out is None:
-            self._out = Staging(os.path.dirname(os.path.abspath(self.dst)))
+            folder = os.path.dirname(os.path.abspath(self.dst))
+            self._out = Staging(folder, path=self.staging)
             self._out.create()
         return self._out
 

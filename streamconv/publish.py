@@ -77,6 +77,7 @@ __all__ = [
     "check_destination",
     "data_location",
     "make_folders",
+    "make_staging",
     "previous_data_files",
     "publish",
     "replace_file",
@@ -209,6 +210,29 @@ def _owner_gone(name: str) -> bool:
     return False
 
 
+def _same_file_system(a: str, b: str) -> bool:
+    try:
+        return os.stat(a).st_dev == os.stat(b).st_dev
+    except OSError:
+        return False
+
+
+def make_staging(folder: str) -> str:
+    """Make a new staging folder of this process in *folder*; its path.  Raises OutputError.
+
+    For a caller that stages many outputs in one place (:class:`Staging` with
+    *path*) and removes it itself; the next conversion into *folder* removes it
+    once this process is gone.
+    """
+    sweep_stale(folder)
+    path = os.path.join(os.path.abspath(folder), staging_name())
+    try:
+        os.mkdir(path, 0o700)
+    except OSError as e:
+        raise OutputError(f"cannot write in {folder}: {e.strerror}") from e
+    return path
+
+
 def sweep_stale(folder: str) -> list[str]:
     """Remove staging folders in *folder* whose owning process is gone; return their names."""
     try:
@@ -227,20 +251,34 @@ def sweep_stale(folder: str) -> list[str]:
 
 
 class Staging:
-    """A private staging folder beside the outputs; files leave it only by :func:`publish`."""
+    """A private staging folder for outputs going to *folder*; files leave it only by
+    :func:`publish`.
 
-    def __init__(self, folder: str) -> None:
+    By default the staging folder is made beside the outputs.  *path* names a
+    staging folder of this process that exists already (a batch worker keeps one
+    at the top of DST for a chunk of models, which saves making and removing a
+    folder per model): where it is on *folder*'s file system, so that a rename
+    moves files from it into place, the outputs are staged there, and
+    :meth:`cleanup` empties it but leaves it for the caller to remove.
+    """
+
+    def __init__(self, folder: str, path: str | None = None) -> None:
         folder = os.path.abspath(folder)
         if not os.path.isdir(folder):
             raise OutputError(f"output folder {folder} does not exist")
+        if path is not None and not _same_file_system(path, folder):
+            path = None
         self.folder = folder
+        self.borrowed = path is not None
         # the name is known before the folder exists, so an interruption at any
         # point leaves nothing the clean-up does not know about
-        self.path = os.path.join(folder, staging_name())
-        self.created = False
+        self.path = path if path is not None else os.path.join(folder, staging_name())
+        self.created = self.borrowed
 
     def create(self) -> None:
         sweep_stale(self.folder)
+        if self.borrowed:
+            return
         try:
             os.mkdir(self.path, 0o700)
         except OSError as e:
@@ -256,6 +294,19 @@ class Staging:
         return full
 
     def cleanup(self) -> None:
+        if self.borrowed:
+            try:
+                names = os.listdir(self.path)  # empty after a publish
+            except OSError:
+                return
+            for name in names:
+                entry = os.path.join(self.path, name)
+                if os.path.isdir(entry) and not os.path.islink(entry):
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry)
+            return
         try:
             os.rmdir(self.path)  # empty after a publish: no need to walk it
         except FileNotFoundError:

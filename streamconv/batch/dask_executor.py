@@ -262,7 +262,8 @@ class DaskExecutor:
                     self.on_result(model, 0)
             # a worker lost mid-task (retried elsewhere) leaves its process's staging
             # folder until that process has died; remove it once it has
-            _sweep({os.path.dirname(j.dst) for j in jobs}, seconds=_LOST_SWEEP_SECONDS)
+            _sweep({os.path.dirname(j.dst) for j in jobs} | {j.root for j in jobs[:1]},
+                   seconds=_LOST_SWEEP_SECONDS)
         except BaseException:
             # Ctrl-C, SIGTERM: nothing more starts.  A running task finishes its
             # atomic publish on a remote cluster; on a LocalCluster its process dies
@@ -276,4 +277,6 @@ class DaskExecutor:
             if cluster is not None:
                 with contextlib.suppress(Exception):
                     cluster.close()
-                _sweep({os.path.dirname(j.dst) for chunk in futures.values() for j in chunk})
+                unfinished = [j for chunk in futures.values() for j in chunk]
+                _sweep({os.path.dirname(j.dst) for j in unfinished}
+                       | {j.root for j in unfinished[:1]})

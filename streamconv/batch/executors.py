@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -41,7 +42,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from ..errors import StreamconvError
-from ..publish import sweep_stale, sync_folders
+from ..publish import make_staging, sweep_stale, sync_folders
 from .job import run_job
 from .options import BatchOptions
 from .plan import Job
@@ -133,6 +134,12 @@ def _worker_main(fd: int, parent: int = 0) -> None:
             return
         options, chunk = message
         folders: set[str] | None = set() if options.fsync else None
+        # one staging folder for the chunk, at the top of DST, rather than one per model
+        # beside each output (renames move the outputs from it into their folders)
+        staging = None
+        with contextlib.suppress(StreamconvError, OSError):
+            if chunk:
+                staging = make_staging(chunk[0].root)
         for job in chunk:
             with contextlib.suppress(OSError):
                 os.ftruncate(2, 0)  # the log holds what this job wrote, nothing older
@@ -145,7 +152,10 @@ def _worker_main(fd: int, parent: int = 0) -> None:
                     last = now
                     conn.send(("progress", index, done))
 
-            conn.send(("done", job.index, run_job(job, options, send_progress, folders)))
+            conn.send(("done", job.index,
+                       run_job(job, options, send_progress, folders, staging)))
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
         error = None
         try:
             sync_folders(folders or ())
@@ -219,6 +229,8 @@ class _Slot:
         self.started = 0.0
         #: model-file bytes of the running job done so far
         self.partial = 0
+        #: DST of the chunks given, where the worker keeps a staging folder
+        self.root: str | None = None
 
     @property
     def job(self) -> Job | None:
@@ -238,6 +250,8 @@ class _Slot:
         if not self.chunks:
             self.started, self.partial = time.monotonic(), 0
         self.chunks.append(deque(chunk))
+        if chunk:
+            self.root = chunk[0].root
         return True
 
     def finish(self, result: ModelResult) -> None:
@@ -289,9 +303,13 @@ class _Slot:
                 self.proc.kill()
         self.join(_JOIN_SECONDS)
         self.conn.close()
-        if self.job is not None and self.proc.poll() is not None:
-            # the owner is gone now, so its staging folder counts as stale
-            sweep_stale(os.path.dirname(self.job.dst))
+        if self.proc.poll() is not None:
+            # the owner is gone now, so its staging folders count as stale: a chunk's
+            # at the top of DST, and the one a model may have made beside its output
+            if self.root is not None:
+                sweep_stale(self.root)
+            if self.job is not None:
+                sweep_stale(os.path.dirname(self.job.dst))
 
     def stop(self) -> None:
         """Ask an idle worker to end."""

@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 def _copy_through(job: Job, probe: Probe, options: BatchOptions,
                   progress: Callable[[int], None],
-                  folder_syncs: set[str] | None) -> tuple[int, list[str]]:
+                  folder_syncs: set[str] | None, staging_path: str | None
+                  ) -> tuple[int, list[str]]:
     """Copy the model and its external-data files unchanged; return (bytes, data files).
 
     Raises ExternalDataError, exactly as convert() would, for references that
@@ -58,7 +59,7 @@ def _copy_through(job: Job, probe: Probe, options: BatchOptions,
     total = sum(os.path.getsize(p) for p in sources.values()) or 1
     copied = 0
     folder = os.path.dirname(job.dst)
-    staging = Staging(folder)
+    staging = Staging(folder, path=staging_path)
     staging.create()
     try:
         for rel, source in sources.items():
@@ -75,13 +76,15 @@ def _copy_through(job: Job, probe: Probe, options: BatchOptions,
 
 
 def run_job(job: Job, options: BatchOptions, send_progress: Callable[[int], None],
-            folder_syncs: set[str] | None = None) -> ModelResult:
+            folder_syncs: set[str] | None = None, staging: str | None = None) -> ModelResult:
     """Convert or copy one model into place; never raises for a model.
 
     With *folder_syncs*, the folders whose new entries still need a sync (after
     the output's last rename, and the parents of folders made for it) are added
     to it instead of being synced: the caller syncs them before it takes the
-    output as durably in place.
+    output as durably in place.  *staging* is a staging folder of this process
+    to stage the output in, where it is on the output's file system (see
+    :class:`streamconv.publish.Staging`).
     """
     if "://" in job.src or "://" in job.dst:
         from .remote import is_remote, run_remote_job
@@ -112,14 +115,14 @@ def run_job(job: Job, options: BatchOptions, send_progress: Callable[[int], None
         if probe is not None and probe.opset == options.opset and not options.force_convert:
             result.action = "copy"
             result.bytes_out, result.data_files = _copy_through(
-                job, probe, options, send_progress, folder_syncs
+                job, probe, options, send_progress, folder_syncs, staging
             )
             result.tensors_diverted = 0
             result.status = AT_TARGET
             if options.verify:
                 result.verify = "not run: copied unchanged"
         else:
-            _convert_one(job, probe, options, send_progress, result, folder_syncs)
+            _convert_one(job, probe, options, send_progress, result, folder_syncs, staging)
     except Exception as e:  # one model's failure, whatever it is, must not stop the batch
         result.status = FAILED
         result.error = error_text(e)
@@ -130,7 +133,8 @@ def run_job(job: Job, options: BatchOptions, send_progress: Callable[[int], None
 
 def _convert_one(job: Job, probe: Probe | None, options: BatchOptions,
                  send_progress: Callable[[int], None],
-                 result: ModelResult, folder_syncs: set[str] | None) -> None:
+                 result: ModelResult, folder_syncs: set[str] | None,
+                 staging: str | None) -> None:
     """Convert *job* into place, verifying the staged result first if asked."""
     layout = options.layout
     if layout == "auto" and probe is not None and probe.data_files:
@@ -156,7 +160,7 @@ def _convert_one(job: Job, probe: Probe | None, options: BatchOptions,
         checksum=options.checksum, inline_functions=options.inline_functions,
         reuse_data=options.reuse_data, data_name=data_name,
         strict_onnx=options.strict_onnx, fsync=options.fsync, progress=progress,
-        before_publish=before_publish, folder_syncs=folder_syncs,
+        before_publish=before_publish, folder_syncs=folder_syncs, staging=staging,
     )
     result.warnings = list(report.warnings)
     data_files = [os.path.relpath(report.data_file, os.path.dirname(job.dst)).replace(

@@ -151,6 +151,14 @@ class Job:
     dst: str
     size: int
 
+    @property
+    def root(self) -> str:
+        """DST, the folder *rel* starts from."""
+        path = self.dst
+        for _ in range(self.rel.count("/") + 1):
+            path = os.path.dirname(path)
+        return path
+
 def size_or_zero(path: str) -> int:
     try:
         return os.path.getsize(path)
