@@ -270,14 +270,19 @@ def test_ctrl_c_cancels_and_leaves_no_partial_output(
         [sys.executable, "-m", "streamconv", "batch", str(tree), str(out), "--opset", "13",
          "--scheduler", "local", "--jobs", "2", "--include", "hang/*", "--include", "ext/*",
          "-q"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    # staged at the top of DST (the chunk's staging folder) or beside its output
-    while not list(out.glob("**/.streamconv-*/hang.onnx")) if out.exists() else True:
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        assert time.monotonic() < deadline, "the hanging model never started"
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
+    try:
+        deadline = time.monotonic() + 120
+        # staged at the top of DST (the chunk's staging folder) or beside its output
+        while not list(out.glob("**/.streamconv-*/hang.onnx")) if out.exists() else True:
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "the hanging model never started"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:  # the test failed: end the batch and its cluster
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-2000:]
     assert "interrupted" in stderr and "Traceback" not in stderr
     assert not (out / "hang" / "hang.onnx").exists()

@@ -118,13 +118,18 @@ def test_ctrl_c_inside_a_chunk_leaves_complete_recorded_outputs(
         [sys.executable, "-m", "streamconv", "batch", str(src), str(out), "--opset", "13",
          "--jobs", "1", "-q"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not list(out.glob(f".streamconv-*/{hang}")):
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        assert time.monotonic() < deadline, "the hanging model was never staged"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=60)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(out.glob(f".streamconv-*/{hang}")):
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "the hanging model was never staged"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:  # the test failed: end the batch, workers and all
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr[-2000:]
     assert "Traceback" not in stderr
     assert leftovers_below(out) == []
