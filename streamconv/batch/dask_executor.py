@@ -176,9 +176,13 @@ def _sweep(folders: set[str], seconds: float = _SWEEP_SECONDS) -> None:
     while pending:
         for folder in list(pending):
             sweep_stale(folder)
-            with contextlib.suppress(OSError):
+            try:
                 if not any(n.startswith(".streamconv-") for n in os.listdir(folder)):
                     pending.discard(folder)
+            except (FileNotFoundError, NotADirectoryError):
+                pending.discard(folder)  # not a local folder (a URL) or gone: nothing left
+            except OSError:
+                pass
         if not pending or time.monotonic() > deadline:
             return
         time.sleep(0.1)
