@@ -161,16 +161,16 @@ def test_folders_are_synced_once_per_chunk_before_the_outputs_count(tmp_path: Pa
     assert proc.returncode == 0, proc.stderr
     events = [tuple(line.split("\t")) for line in log.read_text().splitlines()]
     folder = str(out / "sub")
-    manifest = [i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(
-        out / MANIFEST)]
     folder_syncs = [i for i, e in enumerate(events) if e == ("fsync", folder)]
     parent_syncs = [i for i, e in enumerate(events) if e == ("fsync", str(out))]
     for name in names:
         move = next(i for i, e in enumerate(events)
                     if e[0] == "replace" and e[2] == f"{folder}/{name}")
         assert ("fsync", events[move][1]) in events[:move], name  # the file before its rename
-        recorded_at = next(i for i in manifest if i > move)
-        assert any(move < i < recorded_at for i in folder_syncs), name  # its folder, before
+        # the first manifest that records the output comes after its folder's sync
+        recorded_at = next(i for i, e in enumerate(events)
+                           if e[0] == "manifest" and f"sub/{name}" in e[1:])
+        assert any(move < i < recorded_at for i in folder_syncs), name
         assert any(i < recorded_at for i in parent_syncs), name  # and the new folder's entry
     chunks = len(chunks_of(src / "sub", names, 1))
     assert len(folder_syncs) == chunks < len(names)

@@ -341,6 +341,10 @@ SPY_SITE = textwrap.dedent("""
 
     def replace(a, b, **kwargs):
         _note("replace", os.fspath(a), os.fspath(b))
+        if os.fspath(b).endswith(".streamconv.batch.json"):  # what the manifest records
+            import json
+            with open(a) as f:
+                _note("manifest", *sorted(json.load(f)["outputs"]))
         _replace(a, b, **kwargs)
 
     os.fsync, os.replace = fsync, replace

@@ -530,6 +530,10 @@ class LocalPool:
         ending = []
         for slot in slots:
             if slot.busy or not slot.ready:
+                # results it sent that were not read yet: those outputs are in place too
+                for message in slot.messages():
+                    if message[0] in ("done", "synced"):
+                        self._handle(slot, message)
                 slot.kill()  # interrupted mid-job: the parent, not the worker, cleans up
                 self._release(slot.lost()[1], sync=True)
             elif self.persistent and not slot.gone():
