@@ -22,6 +22,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import logging
 import os
 import shutil
 import tempfile
@@ -189,11 +190,16 @@ def _sweep(folders: set[str], seconds: float = _SWEEP_SECONDS) -> None:
 
 
 def _import_distributed() -> Any:
+    logger = logging.getLogger("distributed")
+    level = logger.level  # what the caller chose (the command line: WARNING unless -v)
     try:
         import distributed
     except ImportError as e:
         raise UsageError("--scheduler needs Dask distributed: pip install 'streamconv[dask]'"
                          ) from e
+    if level:
+        # importing distributed applies Dask's own logging configuration (INFO) over it
+        logger.setLevel(level)
     return distributed
 
 
