@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import posixpath
-import shutil
 import signal
 import tempfile
 import time
@@ -49,6 +48,7 @@ from .report import (
     ModelResult,
     error_text,
 )
+from .tree import run_jobs
 
 __all__ = ["Tree", "convert_remote_tree", "dry_run_remote", "is_remote", "run_remote_job"]
 
@@ -424,7 +424,6 @@ def convert_remote_tree(src_dir: str, dst_dir: str, options: BatchOptions,
     dst = Tree(dst_dir, options.storage_options)
     _check(src, dst, options)
     result = BatchResult(src_dir, dst_dir, options)
-    workdir = None
     manifest: _Manifest | None = None
     try:
         if not dst.remote:
@@ -449,35 +448,13 @@ def convert_remote_tree(src_dir: str, dst_dir: str, options: BatchOptions,
             size = int(ident["size"] if isinstance(ident, dict) else ident[0]) if ident else 0
             jobs.append(Job(index, rel, src.url(rel), dst.url(rel), size))
         manifest.forget([j.rel for j in jobs])
-        sizes = {j.rel: j.size for j in jobs}
-        total = sum(sizes.values())
-        finished = {"models": 0, "bytes": 0}
 
-        def on_progress(partial: int, model: ModelResult | None = None) -> None:
-            if progress is not None:
-                progress(BatchProgress(finished["models"], len(jobs),
-                                       finished["bytes"] + partial, total, model))
-
-        def on_result(model: ModelResult, partial: int) -> None:
-            result.models.append(model)
-            finished["models"] += 1
-            finished["bytes"] += sizes.get(model.source, 0)
+        def record(model: ModelResult) -> None:
             if model.status in (CONVERTED, AT_TARGET) and manifest is not None:
                 manifest.record(model, options)
-            on_progress(partial, model)
 
-        on_progress(0)
         try:
-            if jobs and (options.scheduler is not None or options.scheduler_file is not None):
-                from .dask_executor import DaskExecutor
-
-                DaskExecutor(options, on_result).run(jobs)
-            elif jobs:
-                from .executors import LocalPool, plan_chunks
-
-                workdir = tempfile.mkdtemp(prefix="streamconv-batch-")
-                LocalPool(workdir, on_progress).run(plan_chunks(jobs, options.jobs), options,
-                                                    on_result)
+            run_jobs(jobs, options, result, progress, record)
         finally:
             if dst.remote:
                 # a worker that was killed (timeout, crash, Ctrl-C) could not abort
@@ -498,8 +475,6 @@ def convert_remote_tree(src_dir: str, dst_dir: str, options: BatchOptions,
     except KeyboardInterrupt:
         result.interrupted = int(signal.SIGINT)
     finally:
-        if workdir is not None:
-            shutil.rmtree(workdir, ignore_errors=True)
         if manifest is not None:
             try:
                 manifest.save()

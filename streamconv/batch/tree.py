@@ -18,7 +18,7 @@ from .executors import LocalPool, plan_chunks
 from .job import copy_others
 from .manifest import Manifest
 from .options import BatchOptions
-from .plan import check_folders, plan_work, posix_join
+from .plan import Job, check_folders, plan_work, posix_join
 from .report import AT_TARGET, CONVERTED, BatchProgress, BatchResult, ModelResult
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,6 @@ def convert_tree(
     options.validate()
     check_folders(src_dir, dst_dir)
     result = BatchResult(src_dir, dst_dir, options)
-    workdir = None
     manifest: Manifest | None = None
     try:
         manifest = Manifest(dst_dir, fsync=options.fsync)
@@ -72,19 +71,8 @@ def convert_tree(
         # killed from here on cannot leave an entry describing bytes no longer there
         manifest.forget([j.rel for j in jobs])
         by_rel = {j.rel: j for j in jobs}
-        sizes = {j.rel: j.size for j in jobs}
-        total = sum(sizes.values())
-        finished = {"models": 0, "bytes": 0}
 
-        def on_progress(partial: int, model: ModelResult | None = None) -> None:
-            if progress is not None:
-                progress(BatchProgress(finished["models"], len(jobs),
-                                       finished["bytes"] + partial, total, model))
-
-        def on_result(model: ModelResult, partial: int) -> None:
-            result.models.append(model)
-            finished["models"] += 1
-            finished["bytes"] += sizes.get(model.source, 0)
+        def done(model: ModelResult) -> None:
             produced.update(posix_join(os.path.dirname(model.source), f)
                             for f in model.data_files)
             log.debug("%s: %s %s", model.source, model.status, model.error or "")
@@ -95,17 +83,8 @@ def convert_tree(
                     "tensors_diverted": model.tensors_diverted, "bytes_out": model.bytes_out,
                     "data_files": model.data_files,
                 })
-            on_progress(partial, model)
 
-        on_progress(0)
-        if jobs and (options.scheduler is not None or options.scheduler_file is not None):
-            from .dask_executor import DaskExecutor
-
-            DaskExecutor(options, on_result).run(jobs)
-        elif jobs:
-            workdir = tempfile.mkdtemp(prefix="streamconv-batch-")
-            LocalPool(workdir, on_progress).run(plan_chunks(jobs, options.jobs), options,
-                                                on_result)
+        run_jobs(jobs, options, result, progress, done)
         if others:
             copy_others(src_dir, dst_dir, others, produced, options, result)
     except Interrupted as e:
@@ -113,8 +92,6 @@ def convert_tree(
     except KeyboardInterrupt:
         result.interrupted = int(signal.SIGINT)
     finally:
-        if workdir is not None:
-            shutil.rmtree(workdir, ignore_errors=True)
         if manifest is not None and os.path.isdir(dst_dir):
             try:
                 manifest.save()
@@ -123,3 +100,42 @@ def convert_tree(
         result.models.sort(key=lambda m: m.source)
         result.seconds = time.perf_counter() - started
     return result
+
+
+def run_jobs(jobs: list[Job], options: BatchOptions, result: BatchResult,
+             progress: Callable[[BatchProgress], None] | None,
+             done: Callable[[ModelResult], None]) -> None:
+    """Run *jobs* on the executor *options* name (Dask, else the local pool).
+
+    Each model's result goes into *result* as it comes, then to *done*;
+    *progress* hears of every step, counted in models and source bytes.
+    """
+    sizes = {j.rel: j.size for j in jobs}
+    total = sum(sizes.values())
+    finished = {"models": 0, "bytes": 0}
+
+    def on_progress(partial: int, model: ModelResult | None = None) -> None:
+        if progress is not None:
+            progress(BatchProgress(finished["models"], len(jobs),
+                                   finished["bytes"] + partial, total, model))
+
+    def on_result(model: ModelResult, partial: int) -> None:
+        result.models.append(model)
+        finished["models"] += 1
+        finished["bytes"] += sizes.get(model.source, 0)
+        done(model)
+        on_progress(partial, model)
+
+    on_progress(0)
+    if not jobs:
+        return
+    if options.scheduler is not None or options.scheduler_file is not None:
+        from .dask_executor import DaskExecutor
+
+        DaskExecutor(options, on_result).run(jobs)
+        return
+    workdir = tempfile.mkdtemp(prefix="streamconv-batch-")
+    try:
+        LocalPool(workdir, on_progress).run(plan_chunks(jobs, options.jobs), options, on_result)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
