@@ -13,6 +13,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from .tools import TOOLS, Tool
 
@@ -147,8 +148,8 @@ def summarize(
     return out
 
 
-def write_csv(path: Path, rows: Iterable[Run | Summary]) -> None:
-    """Write dataclass rows to *path* (floats rounded, None as empty)."""
+def write_csv(path: Path, rows: Iterable[Any]) -> None:
+    """Write dataclass rows (of one class) to *path* (floats rounded, None as empty)."""
     rows = list(rows)
     if not rows:
         return

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import io
 import json
 import logging
@@ -42,11 +41,11 @@ import threading
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 from .measure import _settle
-from .report import RESULTS
+from .report import RESULTS, write_csv
 from .versions import versions
 
 __all__ = ["TOOLS", "ThroughputRun", "ThroughputSummary", "main", "run_throughput",
@@ -369,21 +368,6 @@ def summarize(runs: Sequence[ThroughputRun], tools: Sequence[Tool], models: int,
     return out
 
 
-def write_rows(path: Path, rows: Sequence[ThroughputRun | ThroughputSummary]) -> None:
-    """Write dataclass rows to *path* as CSV (floats rounded, None as empty)."""
-    if not rows:
-        return
-    names = [f.name for f in fields(rows[0])]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(names)
-        for row in rows:
-            values = asdict(row)
-            writer.writerow(["" if values[n] is None else f"{values[n]:.4g}"
-                             if isinstance(values[n], float) else values[n] for n in names])
-
-
 def _mb(value: float | None) -> str:
     return "" if value is None else f"{value:.0f} MB"
 
@@ -459,8 +443,8 @@ def run_throughput(models: int, opset: int, jobs: int, reps: int, tools: Sequenc
     finally:
         shutil.rmtree(work, ignore_errors=True)
     rows = summarize(runs, tools, models, opset, jobs, notes)
-    write_rows(results / "throughput.csv", rows)
-    write_rows(results / "throughput-runs.csv", runs)
+    write_csv(results / "throughput.csv", rows)
+    write_csv(results / "throughput-runs.csv", runs)
     return rows
 
 
