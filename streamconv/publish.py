@@ -413,6 +413,7 @@ def _makedirs(path: str, durable: bool, deferred: set[str] | None = None) -> Non
     """Create *path* and missing parents; with *durable*, sync each new entry's parent
     (or add the parent to *deferred*, for the caller to sync)."""
     missing = []
+    path = os.path.abspath(path)  # dirname("") is "": a bare file name's folder is "."
     while not os.path.isdir(path):
         missing.append(path)
         path = os.path.dirname(path)
@@ -464,12 +465,13 @@ def replace_file(staged: str, final: str, *, fsync: bool = True, synced: bool = 
     to it (the file itself is synced before the rename all the same, so the
     name never reaches the disk ahead of the bytes).
     """
-    _makedirs(os.path.dirname(final), fsync, deferred)
+    folder = os.path.dirname(os.path.abspath(final))
+    _makedirs(folder, fsync, deferred)
     if fsync and not synced:
         _fsync_path(staged)
     os.replace(staged, final)
     if fsync:
-        _sync_folder(os.path.dirname(final), deferred)
+        _sync_folder(folder, deferred)
 
 
 def _remove_superseded(folder: str, names: Iterable[str], keep: set[str],

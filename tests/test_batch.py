@@ -562,6 +562,18 @@ def test_summary_and_csv_report(zoo: Path, tmp_path: Path,
         "seconds", "status", "error"}
 
 
+def test_report_named_without_a_folder(zoo: Path, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--report r.json`` (no folder part) lands in the current folder; it once
+    looped forever looking for the folder of "" while the output was complete."""
+    monkeypatch.chdir(tmp_path)
+    code = run_batch([str(zoo), "out", "--opset", "13", "--jobs", "1", "--include",
+                      "test_abs", "--report", "r.json", "-q"])
+    assert code == 0
+    assert json.loads((tmp_path / "r.json").read_text())["counts"]["at_target"] == 1
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
 def test_glob_matching() -> None:
     assert batch.plan._matches("node/test_abs/model.onnx", "test_abs")
     assert batch.plan._matches("node/test_abs/model.onnx", "node/*")
