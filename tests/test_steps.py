@@ -144,6 +144,38 @@ def test_types_only_step_refuses_a_type_the_older_schema_lacks() -> None:
     assert lowest_opset(model)[0] == 14
 
 
+def test_steps_where_onnx_only_restricts_types_need_no_onnx_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Cos 22 added bfloat16, Identity 19/21 float8 and int4, Where 16 bfloat16: onnx's
+    adapters for them only refuse those types, and streamconv's schema check does
+    the same without onnx's converter (4 ms a call, whatever the model)."""
+    model = model_of([helper.make_node("Cos", ["x"], ["c"]),
+                      helper.make_node("Identity", ["c"], ["i"]),
+                      helper.make_node("Greater", ["i", "x"], ["g"]),
+                      helper.make_node("Where", ["g", "i", "x"], ["y"])],
+                     [vi("x", shape=[2, 3])], [vi("y", shape=[2, 3])], 22)
+    assert find_step("Cos", 22).kind is Kind.COMPATIBLE
+    calls = []
+
+    def counting(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+        calls.append(target)
+        return version_converter.convert_version(model, target)
+
+    monkeypatch.setattr("streamconv.steps._driver.version_converter",
+                        type("Converter", (), {"convert_version": staticmethod(counting)}))
+    for target in (21, 16, 13):
+        same_numbers(model, convert_down(model, target), target)
+    assert calls == []
+    bf16 = model_of([helper.make_node("Cos", ["x"], ["y"], name="cos")],
+                    [vi("x", TensorProto.BFLOAT16, [2])], [vi("y", TensorProto.BFLOAT16, [2])],
+                    22)
+    with pytest.raises(StepError) as info:
+        convert_down(bf16, 21)
+    assert "node 'cos' (Cos, graph.node[0]) has no equivalent below opset 22" in str(info.value)
+    assert "'x' is tensor(bfloat16), which opset 21 does not allow" in str(info.value)
+
+
 def test_defaulted_new_attribute_is_dropped() -> None:
     shape = numpy_helper.from_array(np.array([3, 2], dtype=np.int64), "shape")
     model = model_of([helper.make_node("Reshape", ["x", "shape"], ["y"], allowzero=0)],

@@ -133,7 +133,7 @@ class _Scope:
         # no data propagation: onnx's propagates element values of large tensors
         # too (seen: 4.9 GB of memory for a 256 MB model)
         try:
-            inferred = shape_inference.infer_shapes(self.model, check_type=False,
+            inferred = shape_inference.infer_shapes(self._annotated(), check_type=False,
                                                     strict_mode=False, data_prop=False)
         except Exception as e:  # inference is help, not a requirement
             log.debug("shape inference failed: %s", e)
@@ -166,6 +166,32 @@ class _Scope:
         for name, t in self.types.items():
             if _has_rank(t) or name not in self.known:
                 self.known[name] = t
+
+    def _annotated(self) -> onnx.ModelProto:
+        """The model with the shapes known from newer opsets written into its value_info
+        where it has none, as a starting point for inference (a copy; the model
+        itself is left as it is).
+
+        Inference inside a Loop or Scan body starts from the body's value_info;
+        what an earlier step inferred there would otherwise be lost to the steps
+        after it (onnx's converter writes what it inferred into its output,
+        streamconv's own steps do not).
+        """
+        ranked = {n: t for n, t in self.known.items() if _has_rank(t)}
+        if not ranked:
+            return self.model
+        model = onnx.ModelProto()
+        model.CopyFrom(self.model)
+        for graph, _ in _graphs(model.graph, "graph"):
+            kept = [v for v in graph.value_info if v.type.WhichOneof("value") and (
+                _has_rank(v.type) or v.name not in ranked)]
+            typed = {v.name for v in kept} | {v.name for v in graph.output}
+            new = [helper.make_value_info(o, ranked[o]) for n in graph.node
+                   for o in n.output if o and o in ranked and o not in typed]
+            if new or len(kept) != len(graph.value_info):
+                del graph.value_info[:]
+                graph.value_info.extend(kept + new)
+        return model
 
     def _infer_alone(self, graph: onnx.GraphProto, opset: int) -> None:
         """Types inside a subgraph model inference did not enter (e.g. under an op of
