@@ -12,7 +12,9 @@ staging folder of a process that died is removed (its owner is gone).  A Dask
 worker lost mid-task (Dask's ``KilledWorker``) has its chunk retried once
 elsewhere; a chunk lost twice is split, each of its models retried as a task of
 its own, and a single model lost twice is reported as failed with the reason.
-Workers must share SRC and DST (a shared file system).
+Workers must share SRC and DST (a shared file system).  ``--scheduler local``
+runs its Dask workers as threads of the batch's own process (each still with
+its conversion process): a Ctrl-C there kills the conversion processes.
 
 ``distributed`` is an optional dependency: ``pip install streamconv[dask]``.
 """
@@ -66,6 +68,8 @@ IDLE_SECONDS = 60.0
 # -- the task side: runs on a Dask worker ----------------------------------------------------
 
 _IDLE_POOLS: list[LocalPool] = []
+#: pools running a task now, in this process (in-process workers: --scheduler local)
+_RUNNING: set[LocalPool] = set()
 _LAST_USED: dict[int, float] = {}
 _LOCK = threading.Lock()
 
@@ -122,15 +126,37 @@ def run_chunk(jobs: Sequence[Job], options: BatchOptions) -> list[ModelResult]:
     """
     results: list[ModelResult] = []
     pool = _acquire()
+    with _LOCK:
+        _RUNNING.add(pool)
     try:
         pool.run([list(jobs)], dataclasses.replace(options, jobs=1),
                  lambda model, partial: results.append(model))
     except BaseException:
         # the pool killed its process and removed its staging folder; nothing of it stays
         _close(pool)
+        if pool.cancelled.is_set():
+            return results  # the batch in this process was interrupted: nobody waits
         raise
+    finally:
+        with _LOCK:
+            _RUNNING.discard(pool)
     _release(pool)
     return results
+
+
+def _cancel_running(seconds: float = _SWEEP_SECONDS) -> None:
+    """Stop the tasks running in this process's Dask workers (their conversion
+    processes killed, staging folders removed), waiting at most *seconds*."""
+    with _LOCK:
+        running = list(_RUNNING)
+    for pool in running:
+        pool.cancel()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with _LOCK:
+            if not _RUNNING:
+                return
+        time.sleep(0.05)
 
 
 # -- the client side -------------------------------------------------------------------------
@@ -219,9 +245,13 @@ class DaskExecutor:
         if options.scheduler == "local":
             import psutil  # a dependency of distributed
 
+            # Workers in this process: each task already runs on a conversion process
+            # of the worker's own (crash isolation, time limits), so worker processes
+            # would only relay to it; they cost a second of start-up on 2 cores
+            # (importing distributed twice per worker) and CPU all along.
             cluster = distributed.LocalCluster(
-                n_workers=options.jobs, threads_per_worker=1, processes=True,
-                host="127.0.0.1", dashboard_address=None,
+                n_workers=options.jobs, threads_per_worker=1, processes=False,
+                dashboard_address=None,
                 resources={MEMORY: psutil.virtual_memory().total // options.jobs},
             )
             client = distributed.Client(cluster)
@@ -280,6 +310,11 @@ class DaskExecutor:
             # with the worker and its staging folder is removed below.
             with contextlib.suppress(Exception):
                 client.cancel(list(futures), force=True)
+            if cluster is not None:
+                quiet = logging.getLogger("distributed")
+                if not quiet.isEnabledFor(logging.DEBUG):
+                    quiet.setLevel(logging.CRITICAL)  # its words on each cancelled task
+                _cancel_running()
             raise
         finally:
             with contextlib.suppress(Exception):

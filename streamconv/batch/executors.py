@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from ..errors import StreamconvError
+from ..errors import Interrupted, StreamconvError
 from ..publish import make_staging, sweep_stale, sync_folders
 from .job import run_job
 from .options import BatchOptions
@@ -66,6 +66,8 @@ _GATHER_SECONDS = 0.02
 #: Workers that die before taking a job, in a row, before the batch gives up.
 _MAX_START_FAILURES = 3
 _JOIN_SECONDS = 5.0
+#: how often a persistent pool's run looks whether it was cancelled
+_CANCEL_POLL_SECONDS = 0.2
 
 #: What a worker runs: ``python -c _WORKER_BOOT <socket fd> <sys.path> <parent pid>``.
 #: It takes the parent's import path, so it imports this very copy of streamconv.
@@ -371,6 +373,13 @@ class LocalPool:
         self.idle: list[_Slot] = []
         self.options: BatchOptions | None = None
         self.on_result: Callable[[ModelResult, int], None] = lambda m, p: None
+        #: set from another thread (:meth:`cancel`): ``run`` stops as on Ctrl-C
+        self.cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """Make a ``run`` in another thread stop as on Ctrl-C: its workers are killed,
+        their staging folders removed, and it raises Interrupted."""
+        self.cancelled.set()
 
     def _start(self) -> _Slot:
         if self.idle:
@@ -431,6 +440,8 @@ class LocalPool:
         retired: list[_Slot] = []
         try:
             while pending or any(s.busy for s in self.slots):
+                if self.cancelled.is_set():
+                    raise Interrupted(int(signal.SIGINT))
                 self._hand_out(pending)
                 self._wait()
                 handled = 0
@@ -504,6 +515,9 @@ class LocalPool:
             ends = [s.started + self.options.timeout for s in self.slots if s.job is not None]
             if ends:
                 timeout = max(0.0, min(ends) - time.monotonic()) + 0.01
+        if self.persistent:  # another thread may cancel the run
+            timeout = _CANCEL_POLL_SECONDS if timeout is None else \
+                min(timeout, _CANCEL_POLL_SECONDS)
         # A worker's socket turns readable on each message and at EOF when it dies.
         handles = [s.conn for s in self.slots if not s.dead]
         if handles:
