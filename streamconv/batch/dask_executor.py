@@ -24,6 +24,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import importlib.util
 import logging
 import os
 import shutil
@@ -84,6 +85,10 @@ def _acquire() -> LocalPool:
     with _LOCK:
         if _IDLE_POOLS:
             return _IDLE_POOLS.pop()
+    return _new_pool()
+
+
+def _new_pool() -> LocalPool:
     # Dask's nanny sets MALLOC_TRIM_THRESHOLD_ (64 KiB) for its workers, so that they
     # hand memory back soon; a conversion process frees and takes back the same few
     # MB on every model (onnx's converter copies every operator schema per call), and
@@ -93,6 +98,15 @@ def _acquire() -> LocalPool:
                      environ=environ)
     atexit.register(_close, pool)
     return pool
+
+
+def _warm_pools(count: int) -> None:
+    """Start *count* conversion processes in this process for its in-process Dask
+    workers' first tasks: they import onnx while Dask is imported and started."""
+    for _ in range(count):
+        pool = _new_pool()
+        pool.warm(1)
+        _release(pool)
 
 
 def _release(pool: LocalPool) -> None:
@@ -239,8 +253,10 @@ class DaskExecutor:
         self.on_result = on_result
 
     def run(self, jobs: Sequence[Job]) -> None:
-        distributed = _import_distributed()
         options = self.options
+        if options.scheduler == "local" and importlib.util.find_spec("distributed"):
+            _warm_pools(min(options.jobs, len(jobs)))
+        distributed = _import_distributed()
         cluster = None
         if options.scheduler == "local":
             import psutil  # a dependency of distributed

@@ -376,6 +376,15 @@ class LocalPool:
         #: set from another thread (:meth:`cancel`): ``run`` stops as on Ctrl-C
         self.cancelled = threading.Event()
 
+    def warm(self, workers: int) -> None:
+        """Start *workers* processes now, for the next ``run``: they import onnx while
+        the caller does other work."""
+        while len(self.idle) < workers:
+            self.started += 1
+            log_path = os.path.join(self.workdir, f"worker-{self.started}.log")
+            self.idle.append(_Slot(log_path, die_with_parent=self.persistent,
+                                   environ=self.environ))
+
     def cancel(self) -> None:
         """Make a ``run`` in another thread stop as on Ctrl-C: its workers are killed,
         their staging folders removed, and it raises Interrupted."""

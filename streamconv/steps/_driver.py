@@ -117,6 +117,8 @@ class _Scope:
     #: (e.g. Shape's start/end became a Slice whose length depends on values)
     known: dict[str, onnx.TypeProto] = field(default_factory=dict)
     used: set[tuple[str, int]] = field(default_factory=set)
+    #: the last step rewrote nodes (types inferred before it may no longer hold)
+    rewrote: bool = False
 
     def after(self, model: onnx.ModelProto) -> _Scope:
         """A scope for *model*, the next state of this one's model."""
@@ -357,6 +359,7 @@ def _infer_local(nodes: list[onnx.NodeProto], opset: int, ctx: StepContext) -> N
 def _apply_step(scope: _Scope, version: int) -> set[_Key]:
     """Rewrite every affected node streamconv handles; return the held nodes' outputs."""
     scope.refresh(version)
+    scope.rewrote = False
     held: set[_Key] = set()
     # children before parents: a parent's rewrite copies its subgraphs as they stand
     for graph, path in reversed(list(_graphs(scope.model.graph, "graph"))):
@@ -391,6 +394,7 @@ def _apply_step(scope: _Scope, version: int) -> set[_Key]:
                     held.add(_key(new))
         if not rewritten:
             continue  # every node fits as it is: the graph stays as it is
+        scope.rewrote = True
         copies = []
         for n in new_nodes:
             c = onnx.NodeProto()
@@ -555,20 +559,32 @@ def convert_down(model: onnx.ModelProto, target: int, what: str = "the main grap
                 scope = scope.after(converted)
             else:
                 _set_opset(scope.model, version - 1)
-                scope.typed_at = -1
+                _relabelled(scope, version)
             # a constant a rewrite made unused must not be carried (and refused) further
             _drop_orphans(scope.model, dead)
         elif _onnx_affected(scope.model, version, ops):
             pending = version if pending is None else pending
         elif pending is None:
             _set_opset(scope.model, version - 1)
-            scope.typed_at = -1
+            _relabelled(scope, version)
         version -= 1
     if pending is not None:
         scope = scope.after(_flush(scope.model, pending, target, scope.used))
     _set_opset(scope.model, target)
     _drop_orphans(scope.model, dead)
     return scope.model
+
+
+def _relabelled(scope: _Scope, version: int) -> None:
+    """The model went from opset *version* to the one below by its label alone.
+
+    Types inferred at *version* on a model no rewrite has changed since are
+    kept for the next step (the nodes that crossed it kept their inputs, outputs
+    and types); inference runs again only after a rewrite.
+    """
+    unchanged = scope.typed_at == version and not scope.rewrote
+    scope.typed_at = version - 1 if unchanged else -1
+    scope.rewrote = False
 
 
 def _used_names(model: onnx.ModelProto) -> set[str]:
