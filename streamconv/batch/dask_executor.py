@@ -100,13 +100,29 @@ def _new_pool() -> LocalPool:
     return pool
 
 
-def _warm_pools(count: int) -> None:
-    """Start *count* conversion processes in this process for its in-process Dask
-    workers' first tasks: they import onnx while Dask is imported and started."""
-    for _ in range(count):
+def warm_local(count: int) -> None:
+    """Have *count* conversion processes idle in this process for its in-process Dask
+    workers' first tasks (``--scheduler local``): they import onnx while the batch
+    plans and Dask is imported and started."""
+    if importlib.util.find_spec("distributed") is None:
+        return  # the run stops with what to install
+    while True:
+        with _LOCK:
+            if len(_IDLE_POOLS) >= count:
+                return
         pool = _new_pool()
         pool.warm(1)
         _release(pool)
+
+
+def discard_idle() -> None:
+    """Kill this process's idle conversion processes now (a batch that needed none)."""
+    with _LOCK:
+        idle = list(_IDLE_POOLS)
+        _IDLE_POOLS.clear()
+    for pool in idle:
+        pool.discard()
+        shutil.rmtree(pool.workdir, ignore_errors=True)
 
 
 def _release(pool: LocalPool) -> None:
@@ -254,8 +270,8 @@ class DaskExecutor:
 
     def run(self, jobs: Sequence[Job]) -> None:
         options = self.options
-        if options.scheduler == "local" and importlib.util.find_spec("distributed"):
-            _warm_pools(min(options.jobs, len(jobs)))
+        if options.scheduler == "local":
+            warm_local(min(options.jobs, len(jobs)))
         distributed = _import_distributed()
         cluster = None
         if options.scheduler == "local":

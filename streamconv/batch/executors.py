@@ -385,6 +385,12 @@ class LocalPool:
             self.idle.append(_Slot(log_path, die_with_parent=self.persistent,
                                    environ=self.environ))
 
+    def discard(self) -> None:
+        """Kill the idle workers at once (started by :meth:`warm` and not needed)."""
+        idle, self.idle = self.idle, []
+        for slot in idle:
+            slot.kill()
+
     def cancel(self) -> None:
         """Make a ``run`` in another thread stop as on Ctrl-C: its workers are killed,
         their staging folders removed, and it raises Interrupted."""

@@ -59,7 +59,9 @@ def convert_tree(
     check_folders(src_dir, dst_dir)
     result = BatchResult(src_dir, dst_dir, options)
     manifest: Manifest | None = None
+    early: LocalPool | None = None
     try:
+        early = _start_workers(options)
         manifest = Manifest(dst_dir, fsync=options.fsync)
         jobs, others, produced = plan_work(src_dir, dst_dir, options, result, manifest)
         try:
@@ -84,7 +86,8 @@ def convert_tree(
                     "data_files": model.data_files,
                 })
 
-        run_jobs(jobs, options, result, progress, done)
+        run_jobs(jobs, options, result, progress, done, pool=early)
+        early = None
         if others:
             copy_others(src_dir, dst_dir, others, produced, options, result)
     except Interrupted as e:
@@ -92,6 +95,13 @@ def convert_tree(
     except KeyboardInterrupt:
         result.interrupted = int(signal.SIGINT)
     finally:
+        if early is not None:  # it never ran
+            early.discard()
+            shutil.rmtree(early.workdir, ignore_errors=True)
+        if options.scheduler == "local":
+            from .dask_executor import discard_idle
+
+            discard_idle()
         if manifest is not None and os.path.isdir(dst_dir):
             try:
                 manifest.save()
@@ -102,13 +112,35 @@ def convert_tree(
     return result
 
 
+def _start_workers(options: BatchOptions) -> LocalPool | None:
+    """Start the worker processes before the batch plans, so that they import onnx
+    meanwhile: the local pool's (returned, for :func:`run_jobs`), or the
+    conversion processes of ``--scheduler local``'s in-process workers."""
+    if options.scheduler == "local":
+        from .dask_executor import warm_local
+
+        warm_local(options.jobs)
+        return None
+    if options.scheduler is not None or options.scheduler_file is not None:
+        return None
+    pool = LocalPool(tempfile.mkdtemp(prefix="streamconv-batch-"))
+    try:
+        pool.warm(options.jobs)
+    except BaseException:
+        pool.discard()
+        shutil.rmtree(pool.workdir, ignore_errors=True)
+        raise
+    return pool
+
+
 def run_jobs(jobs: list[Job], options: BatchOptions, result: BatchResult,
              progress: Callable[[BatchProgress], None] | None,
-             done: Callable[[ModelResult], None]) -> None:
+             done: Callable[[ModelResult], None], pool: LocalPool | None = None) -> None:
     """Run *jobs* on the executor *options* name (Dask, else the local pool).
 
     Each model's result goes into *result* as it comes, then to *done*;
-    *progress* hears of every step, counted in models and source bytes.
+    *progress* hears of every step, counted in models and source bytes.  *pool*
+    is a local pool whose workers were started already (it is used and ended).
     """
     sizes = {j.rel: j.size for j in jobs}
     total = sum(sizes.values())
@@ -126,16 +158,20 @@ def run_jobs(jobs: list[Job], options: BatchOptions, result: BatchResult,
         done(model)
         on_progress(partial, model)
 
-    on_progress(0)
-    if not jobs:
-        return
-    if options.scheduler is not None or options.scheduler_file is not None:
-        from .dask_executor import DaskExecutor
-
-        DaskExecutor(options, on_result).run(jobs)
-        return
-    workdir = tempfile.mkdtemp(prefix="streamconv-batch-")
     try:
-        LocalPool(workdir, on_progress).run(plan_chunks(jobs, options.jobs), options, on_result)
+        on_progress(0)
+        if not jobs:
+            return
+        if options.scheduler is not None or options.scheduler_file is not None:
+            from .dask_executor import DaskExecutor
+
+            DaskExecutor(options, on_result).run(jobs)
+            return
+        if pool is None:
+            pool = LocalPool(tempfile.mkdtemp(prefix="streamconv-batch-"))
+        pool.on_progress = on_progress
+        pool.run(plan_chunks(jobs, options.jobs), options, on_result)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        if pool is not None:
+            pool.discard()  # workers started for more jobs than there were
+            shutil.rmtree(pool.workdir, ignore_errors=True)
