@@ -226,7 +226,8 @@ def test_without_distributed_or_with_bad_options(tmp_path: Path) -> None:
 
 
 def test_tasks_are_sized_by_skeleton_and_nodes(tree: Path, tmp_path: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+                                               capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     from onnx import helper
 
     from streamconv.batch.dask_executor import BASE_MEMORY, memory_estimate
@@ -250,15 +251,33 @@ def test_tasks_are_sized_by_skeleton_and_nodes(tree: Path, tmp_path: Path,
     # 260 MiB of weights weigh nothing (they are streamed); 3000 nodes do
     assert BASE_MEMORY <= estimate(big) < BASE_MEMORY + (1 << 20) < estimate(Path(wide))
     assert os.path.getsize(wide) < big.stat().st_size
-    # --scheduler local declares each worker's MEMORY, so the tasks claim their estimate
     src = tmp_path / "src"
     src.mkdir()
     os.replace(wide, src / "wide.onnx")
-    assert cli_main(["batch", str(src), str(tmp_path / "out"), "--opset", "13",
+    claims: list[object] = []
+    submit = distributed.Client.submit
+
+    def recording(self: distributed.Client, *args: object, **kwargs: object) -> object:
+        claims.append(kwargs.get("resources"))
+        return submit(self, *args, **kwargs)
+
+    monkeypatch.setattr(distributed.Client, "submit", recording)
+    # workers that declare MEMORY: each task claims its estimate (at most what they have)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=True,
+                                  host="127.0.0.1", dashboard_address=None,
+                                  resources={"MEMORY": 8e9}) as c:
+        result = convert_tree(src, tmp_path / "out", BatchOptions(
+            opset=13, jobs=1, scheduler=c.scheduler_address))
+    assert result.counts()["converted"] == 1
+    assert claims == [{"MEMORY": estimate(src / "wide.onnx")}]
+    # --scheduler local declares none (one task per worker at a time): nothing claimed
+    claims.clear()
+    assert cli_main(["batch", str(src), str(tmp_path / "out2"), "--opset", "13",
                      "--scheduler", "local", "--jobs", "1", "--json"]) == 0
     import json
 
     assert json.loads(capsys.readouterr().out)["counts"]["converted"] == 1
+    assert claims == [None]
 
 
 def test_ctrl_c_cancels_and_leaves_no_partial_output(

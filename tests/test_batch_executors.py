@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -174,3 +175,39 @@ def test_folders_are_synced_once_per_chunk_before_the_outputs_count(tmp_path: Pa
         assert any(i < recorded_at for i in parent_syncs), name  # and the new folder's entry
     chunks = len(chunks_of(src / "sub", names, 1))
     assert len(folder_syncs) == chunks < len(names)
+
+
+def _worker_children() -> list[int]:
+    """This process's children that run a batch worker."""
+    me = os.getpid()
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == me and b"_worker_main" in cmdline:
+            found.append(int(pid))
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc")
+def test_workers_start_before_planning_and_none_outlives_the_batch(tmp_path: Path) -> None:
+    """The workers are started while the batch plans; a rerun that finds everything
+    up to date kills them at once, and removes their folder."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    flat_tree(src, 6)
+    options = BatchOptions(opset=13, jobs=2)
+    scratch = set(Path(tempfile.gettempdir()).glob("streamconv-batch-*"))
+    first = convert_tree(src, out, options)
+    assert first.counts()[CONVERTED] == 6, first.models
+    assert _worker_children() == []
+    again = convert_tree(src, out, options)
+    assert again.counts()[SKIPPED] == 6
+    assert _worker_children() == []
+    assert set(Path(tempfile.gettempdir()).glob("streamconv-batch-*")) <= scratch

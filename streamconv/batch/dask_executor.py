@@ -47,8 +47,9 @@ __all__ = ["DaskExecutor", "memory_estimate", "run_chunk"]
 #: (or, for a single model, before it fails).
 RETRIES = 1
 #: The Dask resource a task claims, in bytes, when every worker declares it
-#: (``dask worker --resources MEMORY=8e9``; ``--scheduler local`` declares each
-#: worker's share of the machine's memory).
+#: (``dask worker --resources MEMORY=8e9``).  ``--scheduler local`` declares none:
+#: its workers run one task at a time each, so a claim could never hold one back,
+#: and estimating it reads every model once more in the batch's own process.
 MEMORY = "MEMORY"
 #: Memory of a conversion before its model counts: interpreter, onnx, numpy and the
 #: copy process (measured about 55 MB each; rounded up).
@@ -275,8 +276,6 @@ class DaskExecutor:
         distributed = _import_distributed()
         cluster = None
         if options.scheduler == "local":
-            import psutil  # a dependency of distributed
-
             # Workers in this process: each task already runs on a conversion process
             # of the worker's own (crash isolation, time limits), so worker processes
             # would only relay to it; they cost a second of start-up on 2 cores
@@ -284,7 +283,6 @@ class DaskExecutor:
             cluster = distributed.LocalCluster(
                 n_workers=options.jobs, threads_per_worker=1, processes=False,
                 dashboard_address=None,
-                resources={MEMORY: psutil.virtual_memory().total // options.jobs},
             )
             client = distributed.Client(cluster)
         elif options.scheduler_file is not None:
