@@ -108,10 +108,7 @@ def _relabel_only(model: onnx.ModelProto, source: int, target: int) -> bool:
         for node in graph.node:
             if node.domain in DEFAULT_DOMAINS:
                 ops.add(node.op_type)
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    graphs.append(attr.g)
-                graphs.extend(attr.graphs)
+            graphs.extend(g for _, _, g in _subgraphs(node))
     for op in ops:
         try:
             schema = defs.get_schema(op, target, "")

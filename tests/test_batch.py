@@ -133,6 +133,22 @@ def leftovers_below(folder: Path) -> list[str]:
     return sorted(str(p) for p in folder.rglob("*") if ".streamconv-" in p.name)
 
 
+def wait_until_staged(proc: subprocess.Popen[str], out: Path, pattern: str,
+                      seconds: float) -> None:
+    """Wait until a file matching *pattern* below *out* is staged by the running
+    batch *proc*; fail if the batch ends first or *seconds* pass."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:  # staging folders come and go while the batch runs
+            if out.exists() and list(out.glob(pattern)):
+                return
+        except FileNotFoundError:
+            pass
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, f"nothing matching {pattern} was staged"
+        time.sleep(0.05)
+
+
 def by_source(result: BatchResult) -> dict[str, batch.ModelResult]:
     return {m.source: m for m in result.models}
 

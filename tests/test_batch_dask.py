@@ -26,7 +26,7 @@ from fixtures.zoo import write_node_cases
 from streamconv.batch import AT_TARGET, CONVERTED, FAILED, SKIPPED, BatchOptions, convert_tree
 from tests.conftest import ROOT
 from tests.models import reduce_chain, save
-from tests.test_batch import inject_faults, leftovers_below
+from tests.test_batch import inject_faults, leftovers_below, wait_until_staged
 
 distributed = pytest.importorskip("distributed")
 
@@ -290,12 +290,8 @@ def test_ctrl_c_cancels_and_leaves_no_partial_output(
          "--scheduler", "local", "--jobs", "2", "--include", "hang/*", "--include", "ext/*",
          "-q"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
         # staged at the top of DST (the chunk's staging folder) or beside its output
-        while not list(out.glob("**/.streamconv-*/hang.onnx")) if out.exists() else True:
-            assert proc.poll() is None, proc.communicate()[1][-2000:]
-            assert time.monotonic() < deadline, "the hanging model never started"
-            time.sleep(0.1)
+        wait_until_staged(proc, out, "**/.streamconv-*/hang.onnx", 120)
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=120)
     finally:

@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import onnx
@@ -26,7 +25,13 @@ from streamconv.batch.executors import CHUNK_BELOW, CHUNK_MODELS, plan_chunks
 from streamconv.batch.manifest import MANIFEST
 from streamconv.batch.plan import Job
 from tests.conftest import ROOT
-from tests.test_batch import by_source, inject_faults, leftovers_below, small_model
+from tests.test_batch import (
+    by_source,
+    inject_faults,
+    leftovers_below,
+    small_model,
+    wait_until_staged,
+)
 
 N_MODELS = 12
 
@@ -120,11 +125,7 @@ def test_ctrl_c_inside_a_chunk_leaves_complete_recorded_outputs(
          "--jobs", "1", "-q"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while not list(out.glob(f".streamconv-*/{hang}")):
-            assert proc.poll() is None, proc.communicate()[1][-2000:]
-            assert time.monotonic() < deadline, "the hanging model was never staged"
-            time.sleep(0.05)
+        wait_until_staged(proc, out, f".streamconv-*/{hang}", 60)
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=60)
     finally:
@@ -147,20 +148,11 @@ def test_ctrl_c_inside_a_chunk_leaves_complete_recorded_outputs(
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
 def test_folders_are_synced_once_per_chunk_before_the_outputs_count(tmp_path: Path) -> None:
-    from tests.test_publish import SPY_SITE
+    from tests.test_publish import spied_batch
 
     src, out = tmp_path / "src", tmp_path / "out"
     names = flat_tree(src / "sub")
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(SPY_SITE)
-    log = tmp_path / "spy.log"
-    env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{ROOT}", "SPY_LOG": str(log)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "streamconv", "batch", str(src), str(out), "--opset", "13",
-         "--jobs", "1", "-q"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    events = [tuple(line.split("\t")) for line in log.read_text().splitlines()]
+    events = spied_batch(tmp_path, [str(src), str(out), "--opset", "13", "--jobs", "1"])
     folder = str(out / "sub")
     folder_syncs = [i for i, e in enumerate(events) if e == ("fsync", folder)]
     parent_syncs = [i for i, e in enumerate(events) if e == ("fsync", str(out))]

@@ -351,6 +351,20 @@ SPY_SITE = textwrap.dedent("""
 """)
 
 
+def spied_batch(tmp_path: Path, argv: list[str]) -> list[tuple[str, ...]]:
+    """Run ``streamconv batch ARGV -q`` with :data:`SPY_SITE` loaded in every process;
+    the fsyncs, renames and manifest writes it logged, in order."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SPY_SITE)
+    log = tmp_path / "spy.log"
+    env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{ROOT}", "SPY_LOG": str(log)}
+    proc = subprocess.run([sys.executable, "-m", "streamconv", "batch", *argv, "-q"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return [tuple(line.split("\t")) for line in log.read_text().splitlines()]
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
 def test_batch_outputs_are_synced_around_their_renames(tmp_path: Path) -> None:
     src, out = tmp_path / "src", tmp_path / "out"
@@ -359,18 +373,8 @@ def test_batch_outputs_are_synced_around_their_renames(tmp_path: Path) -> None:
     at_target = _model("B", 2)
     onnx.save(onnx.version_converter.convert_version(at_target, 13), str(src / "b.onnx"),
               save_as_external_data=True, location="b.bin", size_threshold=0)  # copied
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(SPY_SITE)
-    log = tmp_path / "spy.log"
-    env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{ROOT}", "SPY_LOG": str(log)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "streamconv", "batch", str(src), str(out), "--opset", "13",
-         "--layout", "external", "--size-threshold", "0", "--jobs", "1", "-q"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    events = [tuple(line.split("\t")) for line in log.read_text().splitlines()]
+    events = spied_batch(tmp_path, [str(src), str(out), "--opset", "13", "--layout",
+                                    "external", "--size-threshold", "0", "--jobs", "1"])
     _check_durable_order(events, out / "sub", ["a.onnx.data", "a.onnx"])
     _check_durable_order(events, out, ["b.bin", "b.onnx"])
 
